@@ -31,6 +31,20 @@ pub struct Context {
 pub struct State {
     pub inventory: Inventory,
     pub lease: Option<net::Lease>,
+    /// Keeps the lease renewed while it lives.
+    pub renewer: Option<net::Renewer>,
+}
+
+impl State {
+    /// One console line saying the agent is up and what it has.
+    pub fn ready_line(&self) -> String {
+        let net = match (&self.lease, &self.renewer) {
+            (Some(l), Some(r)) => format!("{} on {} (renewing)", l.address, r.iface()),
+            (Some(l), None) => format!("{} on {}", l.address, l.iface),
+            (None, _) => "no network".into(),
+        };
+        format!("agent ready: {} NICs, {} disks, {net}", self.inventory.nics.len(), self.inventory.disks.len())
+    }
 }
 
 impl Context {
@@ -106,7 +120,7 @@ pub fn net_config(ctx: &Context, settings: &Settings) -> NetConfig {
 
 /// Brings up the network, retrying with back-off (1 s doubling to 30 s, with
 /// jitter) until it works; `ctx.once` makes one attempt.
-pub fn network(ctx: &Context, settings: &Settings) -> Option<net::Lease> {
+pub fn network(ctx: &Context, settings: &Settings) -> Option<(net::Lease, Option<net::Renewer>)> {
     if settings.net == NetMode::Off {
         info!("network: off (shoal.net=off)");
         return None;
@@ -114,10 +128,10 @@ pub fn network(ctx: &Context, settings: &Settings) -> Option<net::Lease> {
     let cfg = net_config(ctx, settings);
     let mut delay = Duration::from_secs(1);
     for attempt in 1u32.. {
-        match net::bring_up(&cfg) {
-            Ok(lease) => {
+        match net::bring_up_and_renew(&cfg) {
+            Ok((lease, renewer)) => {
                 info!("{lease}");
-                return Some(lease);
+                return Some((lease, renewer));
             }
             Err(e) => {
                 error!("network: {} (attempt {attempt})", error_chain(&e));
@@ -153,10 +167,10 @@ pub fn run(ctx: &Context, settings: &Settings) -> State {
     for line in inventory::summary(&inventory).lines() {
         info!("{line}");
     }
-    let lease = network(ctx, settings);
+    let (lease, renewer) = network(ctx, settings).unzip();
     match &settings.controller {
         Some(c) => info!("controller: {c} (control channel not built yet)"),
         None => info!("controller: none configured (shoal.controller=HOST:PORT)"),
     }
-    State { inventory, lease }
+    State { inventory, lease, renewer: renewer.flatten() }
 }

@@ -57,11 +57,12 @@ pub fn main() -> ! {
     start_signal_thread();
 
     let ctx = Context { root: PathBuf::from("/"), modules_dir: None, load_modules: true, once: false };
-    let _state = agent::run(&ctx, &settings);
-    info!("agent ready");
+    let state = agent::run(&ctx, &settings);
+    info!("{}", state.ready_line());
 
     match settings.then {
         PowerAction::Wait => loop {
+            let _keep = &state; // the lease renewer lives as long as this loop
             // Later issues: the control channel runs here. Signals are handled
             // on their own thread; this thread only has to stay alive.
             std::thread::sleep(Duration::from_secs(3600));

@@ -123,11 +123,12 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
                 settings.iface = iface;
             }
             let state = agent::run(&ctx, &settings);
-            return Ok(if state.lease.is_some() || settings.net == net::NetMode::Off {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
+            log::info!("{}", state.ready_line());
+            let ok = state.lease.is_some() || settings.net == net::NetMode::Off;
+            if let Some(r) = state.renewer {
+                r.stop();
+            }
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

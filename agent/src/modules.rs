@@ -346,7 +346,7 @@ kernel/drivers/ata/libahci.ko:
         assert_eq!(i.lookup("pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"), ["e1000"]);
         assert_eq!(i.lookup("pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"), ["ahci"]);
         assert_eq!(i.lookup("usb:v0BDAp8179d0100dc00dsc00dp00icFFiscFFipFFin00"), ["r8188eu"]);
-        assert!(i.lookup("usb:v0BDAp8179d0200dc00dsc00dp00icFFiscFFipFFin00").is_empty());
+        assert!(i.lookup("usb:v0BDAp8179d2200dc00dsc00dp00icFFiscFFipFFin00").is_empty());
         assert!(i.lookup("pci:v00008086d00007000sv00000000sd00000000bc06sc01i00").is_empty());
         // Case matters: hex digits in modaliases are upper case.
         assert!(i.lookup("pci:v00001af4d00001000sv00001AF4sd00000001bc02sc00i00").is_empty());

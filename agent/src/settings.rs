@@ -9,7 +9,7 @@
 //! the settings themselves.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use shoal_protocol::inventory::MacAddr;
@@ -262,11 +262,6 @@ fn parse_host_port(v: &str) -> Result<String, String> {
     }
 }
 
-/// Resolves a `HOST:PORT` the settings accepted (numeric hosts need no DNS).
-pub fn resolve(host_port: &str) -> std::io::Result<Vec<SocketAddr>> {
-    Ok(host_port.to_socket_addrs()?.collect())
-}
-
 fn parse_secs(v: &str, min: u64, max: u64) -> Result<Duration, String> {
     match v.parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(Duration::from_secs(n)),
@@ -364,10 +359,21 @@ mod tests {
         let keys: Vec<&str> = w.iter().map(|w| w.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["log", "controller", "controller", "controller", "bogus", "shoal.then", "BOOTIF", "dhcp_timeout", "net", "ip"]
+            [
+                "shoal.log",
+                "shoal.controller",
+                "shoal.controller",
+                "shoal.controller",
+                "shoal.bogus",
+                "shoal.then",
+                "BOOTIF",
+                "shoal.dhcp_timeout",
+                "shoal.net",
+                "ip"
+            ]
         );
         let text = w.iter().map(|w| w.to_string()).collect::<Vec<_>>().join("\n");
-        assert!(text.contains("kernel command line: bogus: unknown key; ignored"), "{text}");
+        assert!(text.contains("kernel command line: shoal.bogus: unknown key; ignored"), "{text}");
         assert!(text.contains("\"loud\" is not one of"), "{text}");
         assert!(text.contains("netmask 255.0.255.0 is not contiguous"), "{text}");
     }

@@ -77,9 +77,9 @@ fn qemu_bad_input_is_reported_and_the_agent_keeps_going() {
     vm.monitor("set_link n0 off").unwrap();
     vm.resume().unwrap();
     let c = vm.console();
-    c.expect("kernel command line: log: \"loud\" is not one of", BOOT).unwrap();
-    c.expect("kernel command line: bogus: unknown key; ignored", BOOT).unwrap();
-    c.expect("kernel command line: dhcp_timeout: \"x\" is not a whole number", BOOT).unwrap();
+    c.expect("kernel command line: shoal.log: \"loud\" is not one of", BOOT).unwrap();
+    c.expect("kernel command line: shoal.bogus: unknown key; ignored", BOOT).unwrap();
+    c.expect("kernel command line: shoal.dhcp_timeout: \"x\" is not a whole number", BOOT).unwrap();
     c.expect("disk    none found", BOOT).unwrap();
     let err = c.expect("no carrier", BOOT).unwrap();
     assert!(err.contains("eth0"), "the error names the NIC: {err}");
