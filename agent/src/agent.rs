@@ -43,7 +43,11 @@ impl State {
             (Some(l), None) => format!("{} on {}", l.address, l.iface),
             (None, _) => "no network".into(),
         };
-        format!("agent ready: {} NICs, {} disks, {net}", self.inventory.nics.len(), self.inventory.disks.len())
+        format!(
+            "agent ready: {} NICs, {} disks, {net}",
+            self.inventory.nics.len(),
+            self.inventory.disks.len()
+        )
     }
 }
 
@@ -54,7 +58,8 @@ impl Context {
 
     fn modules_dir(&self) -> PathBuf {
         self.modules_dir.clone().unwrap_or_else(|| {
-            let release = fs::read_to_string(self.root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
+            let release =
+                fs::read_to_string(self.root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
             self.root.join("lib/modules").join(release.trim())
         })
     }
@@ -74,10 +79,24 @@ pub fn load_modules(ctx: &Context) {
     let sys = ctx.sys();
     let report = if ctx.load_modules {
         let mut loader = KernelLoader { sys: sys.clone() };
-        modules::load_for_hardware(&index, &sys, &mut loader, Duration::from_millis(50), 20, Duration::from_secs(30))
+        modules::load_for_hardware(
+            &index,
+            &sys,
+            &mut loader,
+            Duration::from_millis(50),
+            20,
+            Duration::from_secs(30),
+        )
     } else {
-        let mut dry = DryRun::default();
-        modules::load_for_hardware(&index, &sys, &mut dry, Duration::ZERO, 1, Duration::from_secs(5))
+        let mut dry = DryRun;
+        modules::load_for_hardware(
+            &index,
+            &sys,
+            &mut dry,
+            Duration::ZERO,
+            1,
+            Duration::from_secs(5),
+        )
     };
     info!(
         "modules: {} loaded in {} ms ({} rounds), {} failed, {} devices without a module{}",
@@ -86,10 +105,53 @@ pub fn load_modules(ctx: &Context) {
         report.rounds,
         report.failed.len(),
         report.unmatched.len(),
-        if report.unmatched.is_empty() { "" } else { " (shoal.log=debug lists them)" }
+        if report.unmatched.is_empty() {
+            ""
+        } else {
+            " (shoal.log=debug lists them)"
+        }
     );
-    for d in report.unmatched.iter().filter(|d| d.id.starts_with("pci/")) {
-        info!("no driver in the initramfs for {} ({})", d.id, d.modalias);
+    // A NIC or disk controller without a driver is what an operator needs
+    // to hear about; bridges and other chipset parts are only debug noise.
+    for d in &report.unmatched {
+        if let Some(kind) = pci_class(&d.modalias) {
+            warn!(
+                "no driver in the initramfs for {kind} {} ({})",
+                d.id, d.modalias
+            );
+        }
+    }
+}
+
+/// `network controller` / `storage controller` for PCI modaliases of those
+/// classes (`...bc02...` / `...bc01...`), else `None`.
+fn pci_class(modalias: &str) -> Option<&'static str> {
+    let rest = modalias.strip_prefix("pci:")?;
+    let class = &rest[rest.find("bc")? + 2..];
+    match class.get(..2)? {
+        "01" => Some("storage controller"),
+        "02" => Some("network controller"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pci_classes_that_matter() {
+        assert_eq!(
+            super::pci_class("pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"),
+            Some("network controller")
+        );
+        assert_eq!(
+            super::pci_class("pci:v00008086d00007010sv00001AF4sd00001100bc01sc01i80"),
+            Some("storage controller")
+        );
+        assert_eq!(
+            super::pci_class("pci:v00008086d00001237sv00001AF4sd00001100bc06sc00i00"),
+            None
+        );
+        assert_eq!(super::pci_class("virtio:d00000001v00001AF4"), None);
     }
 }
 
@@ -172,5 +234,9 @@ pub fn run(ctx: &Context, settings: &Settings) -> State {
         Some(c) => info!("controller: {c} (control channel not built yet)"),
         None => info!("controller: none configured (shoal.controller=HOST:PORT)"),
     }
-    State { inventory, lease, renewer: renewer.flatten() }
+    State {
+        inventory,
+        lease,
+        renewer: renewer.flatten(),
+    }
 }

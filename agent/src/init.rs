@@ -26,12 +26,16 @@ pub fn main() -> ! {
     let steps = bringup::run(bringup::EARLY);
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = fs::read_to_string(CONFIG_PATH).ok();
-    let (settings, warnings) = Settings::load(config.as_deref().map(|t| (CONFIG_PATH, t)), &cmdline);
+    let (settings, warnings) =
+        Settings::load(config.as_deref().map(|t| (CONFIG_PATH, t)), &cmdline);
     logging::init(&settings.log);
     let _ = ON_ERROR.set((settings.on_error, settings.error_delay));
     std::panic::set_hook(Box::new(|info| fatal(&format!("panic: {info}"))));
 
-    info!("shoal-agent {} starting as PID 1", env!("CARGO_PKG_VERSION"));
+    info!(
+        "shoal-agent {} starting as PID 1",
+        env!("CARGO_PKG_VERSION")
+    );
     let mut required_failed = None;
     for (step, outcome) in &steps {
         match outcome {
@@ -56,15 +60,20 @@ pub fn main() -> ! {
     }
     start_signal_thread();
 
-    let ctx = Context { root: PathBuf::from("/"), modules_dir: None, load_modules: true, once: false };
+    let ctx = Context {
+        root: PathBuf::from("/"),
+        modules_dir: None,
+        load_modules: true,
+        once: false,
+    };
     let state = agent::run(&ctx, &settings);
     info!("{}", state.ready_line());
 
     match settings.then {
         PowerAction::Wait => loop {
             let _keep = &state; // the lease renewer lives as long as this loop
-            // Later issues: the control channel runs here. Signals are handled
-            // on their own thread; this thread only has to stay alive.
+                                // Later issues: the control channel runs here. Signals are handled
+                                // on their own thread; this thread only has to stay alive.
             std::thread::sleep(Duration::from_secs(3600));
         },
         action => power(action, "bring-up done (shoal.then)"),
@@ -80,21 +89,23 @@ fn start_signal_thread() {
     if let Err(e) = sys::cad_to_signal() {
         warn!("cannot route Ctrl-Alt-Del to SIGINT: {e}");
     }
-    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        match sys::wait_signal(&set) {
-            Ok(nix::sys::signal::Signal::SIGCHLD) => {
-                for (pid, status) in sys::reap_children() {
-                    debug!("reaped {pid}: {status}");
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match sys::wait_signal(&set) {
+                Ok(nix::sys::signal::Signal::SIGCHLD) => {
+                    for (pid, status) in sys::reap_children() {
+                        debug!("reaped {pid}: {status}");
+                    }
+                }
+                Ok(nix::sys::signal::Signal::SIGHUP) => debug!("SIGHUP ignored"),
+                Ok(sig) => power(PowerAction::Poweroff, &format!("{sig} received")),
+                Err(e) => {
+                    warn!("sigwait: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             }
-            Ok(nix::sys::signal::Signal::SIGHUP) => debug!("SIGHUP ignored"),
-            Ok(sig) => power(PowerAction::Poweroff, &format!("{sig} received")),
-            Err(e) => {
-                warn!("sigwait: {e}");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    });
+        });
     if let Err(e) = spawned {
         warn!("cannot start the signal thread: {e}");
     }
@@ -103,7 +114,14 @@ fn start_signal_thread() {
 /// Syncs and powers off or reboots. Never returns.
 fn power(action: PowerAction, why: &str) -> ! {
     let poweroff = action != PowerAction::Reboot;
-    info!("{why}: {}", if poweroff { "powering off" } else { "rebooting" });
+    info!(
+        "{why}: {}",
+        if poweroff {
+            "powering off"
+        } else {
+            "rebooting"
+        }
+    );
     sys::sync();
     let e = sys::power(poweroff);
     error!("reboot(2) failed: {e}; halting here");
@@ -114,9 +132,16 @@ fn power(action: PowerAction, why: &str) -> ! {
 
 /// A fatal error in PID 1: log, sync, back off, then reboot or power off.
 pub fn fatal(why: &str) -> ! {
-    let (action, delay) = ON_ERROR.get().copied().unwrap_or((PowerAction::Reboot, Duration::from_secs(30)));
+    let (action, delay) = ON_ERROR
+        .get()
+        .copied()
+        .unwrap_or((PowerAction::Reboot, Duration::from_secs(30)));
     error!("fatal: {why}");
-    error!("{} in {} s (shoal.on_error, shoal.error_delay)", action, delay.as_secs());
+    error!(
+        "{} in {} s (shoal.on_error, shoal.error_delay)",
+        action,
+        delay.as_secs()
+    );
     sys::sync();
     std::thread::sleep(delay);
     power(action, "fatal error")

@@ -29,7 +29,14 @@ pub fn collect(root: &Path) -> Inventory {
 fn attr(path: &Path) -> Option<String> {
     let s = fs::read_to_string(path).ok()?;
     let s = s.trim();
-    let placeholder = ["", "None", "Not Specified", "To Be Filled By O.E.M.", "Default string", "0"];
+    let placeholder = [
+        "",
+        "None",
+        "Not Specified",
+        "To Be Filled By O.E.M.",
+        "Default string",
+        "0",
+    ];
     (!placeholder.contains(&s)).then(|| s.to_owned())
 }
 
@@ -63,13 +70,20 @@ fn count_cpu_list(list: &str) -> Option<u32> {
 
 fn cpus(sys: &Path, proc: &Path) -> Cpus {
     let cpuinfo = fs::read_to_string(proc.join("cpuinfo")).unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned()));
+    let model = cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name")
+            .and_then(|r| r.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    });
     let count = fs::read_to_string(sys.join("devices/system/cpu/online"))
         .ok()
         .and_then(|s| count_cpu_list(&s))
-        .unwrap_or_else(|| cpuinfo.lines().filter(|l| l.starts_with("processor")).count() as u32);
+        .unwrap_or_else(|| {
+            cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count() as u32
+        });
     Cpus { count, model }
 }
 
@@ -82,7 +96,11 @@ fn memory(proc: &Path) -> Option<u64> {
 
 fn sorted_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -102,11 +120,21 @@ fn nics(sys: &Path) -> Vec<Nic> {
         if !dir.join("device").exists() {
             continue;
         }
-        let Some(mac) = attr(&dir.join("address")).and_then(|m| MacAddr::parse(&m).ok()) else { continue };
+        let Some(mac) = attr(&dir.join("address")).and_then(|m| MacAddr::parse(&m).ok()) else {
+            continue;
+        };
         let carrier = num::<u8>(&dir.join("carrier")).map(|c| c == 1);
-        let speed_mbps = num::<i64>(&dir.join("speed")).filter(|&s| s > 0).map(|s| s as u32);
+        let speed_mbps = num::<i64>(&dir.join("speed"))
+            .filter(|&s| s > 0)
+            .map(|s| s as u32);
         let driver = link_name(&dir.join("device/driver"));
-        out.push(Nic { name, mac, driver, carrier, speed_mbps });
+        out.push(Nic {
+            name,
+            mac,
+            driver,
+            carrier,
+            speed_mbps,
+        });
     }
     out
 }
@@ -125,7 +153,9 @@ fn skip_block(name: &str, dir: &Path) -> bool {
 fn vpd_serial(path: &Path) -> Option<String> {
     let page = fs::read(path).ok()?;
     let len = usize::from(*page.get(3)?);
-    let s = String::from_utf8_lossy(page.get(4..4 + len)?).trim().to_owned();
+    let s = String::from_utf8_lossy(page.get(4..4 + len)?)
+        .trim()
+        .to_owned();
     (!s.is_empty()).then_some(s)
 }
 
@@ -137,12 +167,16 @@ fn disks(sys: &Path) -> Vec<Disk> {
         if skip_block(&name, &dir) {
             continue;
         }
-        let Some(sectors) = num::<u64>(&dir.join("size")) else { continue };
+        let Some(sectors) = num::<u64>(&dir.join("size")) else {
+            continue;
+        };
         let dev = dir.join("device");
         let serial = attr(&dir.join("serial"))
             .or_else(|| attr(&dev.join("serial")))
             .or_else(|| vpd_serial(&dev.join("vpd_pg80")));
-        let wwn = attr(&dir.join("wwid")).or_else(|| attr(&dev.join("wwid"))).or_else(|| attr(&dev.join("wwn")));
+        let wwn = attr(&dir.join("wwid"))
+            .or_else(|| attr(&dev.join("wwid")))
+            .or_else(|| attr(&dev.join("wwn")));
         out.push(Disk {
             size_bytes: sectors * 512, // `size` is always in 512-byte units
             logical_sector: num(&dir.join("queue/logical_block_size")).unwrap_or(512),
@@ -163,9 +197,24 @@ pub fn summary(inv: &Inventory) -> String {
     let or = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     let s = &inv.system;
     let mut out = String::from("inventory:\n");
-    let _ = writeln!(out, "  system  {} {} serial {} uuid {}", or(&s.vendor), or(&s.product), or(&s.serial), or(&s.uuid));
-    let _ = writeln!(out, "  cpus    {} x {}", inv.cpus.count, or(&inv.cpus.model));
-    let mem = inv.memory_bytes.map(human_bytes).unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "  system  {} {} serial {} uuid {}",
+        or(&s.vendor),
+        or(&s.product),
+        or(&s.serial),
+        or(&s.uuid)
+    );
+    let _ = writeln!(
+        out,
+        "  cpus    {} x {}",
+        inv.cpus.count,
+        or(&inv.cpus.model)
+    );
+    let mem = inv
+        .memory_bytes
+        .map(human_bytes)
+        .unwrap_or_else(|| "-".into());
     let _ = writeln!(out, "  memory  {mem}");
     if inv.nics.is_empty() {
         let _ = writeln!(out, "  nic     none found");
@@ -176,8 +225,17 @@ pub fn summary(inv: &Inventory) -> String {
             Some(false) => "no carrier",
             None => "link unknown",
         };
-        let speed = n.speed_mbps.map(|s| format!(" {s} Mb/s")).unwrap_or_default();
-        let _ = writeln!(out, "  nic     {} {} driver {} {link}{speed}", n.name, n.mac, or(&n.driver));
+        let speed = n
+            .speed_mbps
+            .map(|s| format!(" {s} Mb/s"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  nic     {} {} driver {} {link}{speed}",
+            n.name,
+            n.mac,
+            or(&n.driver)
+        );
     }
     if inv.disks.is_empty() {
         let _ = writeln!(out, "  disk    none found");
@@ -214,17 +272,37 @@ mod tests {
 
     fn fake_machine(root: &Path) {
         put(root, "sys/class/dmi/id/sys_vendor", "QEMU\n");
-        put(root, "sys/class/dmi/id/product_name", "Standard PC (i440FX + PIIX, 1996)\n");
+        put(
+            root,
+            "sys/class/dmi/id/product_name",
+            "Standard PC (i440FX + PIIX, 1996)\n",
+        );
         put(root, "sys/class/dmi/id/product_serial", "Not Specified\n");
-        put(root, "sys/class/dmi/id/product_uuid", "5A0B7C1E-0000-4000-8000-00000000ABCD\n");
+        put(
+            root,
+            "sys/class/dmi/id/product_uuid",
+            "5A0B7C1E-0000-4000-8000-00000000ABCD\n",
+        );
         put(root, "sys/devices/system/cpu/online", "0-1,3\n");
-        put(root, "proc/cpuinfo", "processor\t: 0\nmodel name\t: QEMU Virtual CPU version 2.5+\n\nprocessor\t: 1\n");
-        put(root, "proc/meminfo", "MemTotal:         501234 kB\nMemFree: 1 kB\n");
+        put(
+            root,
+            "proc/cpuinfo",
+            "processor\t: 0\nmodel name\t: QEMU Virtual CPU version 2.5+\n\nprocessor\t: 1\n",
+        );
+        put(
+            root,
+            "proc/meminfo",
+            "MemTotal:         501234 kB\nMemFree: 1 kB\n",
+        );
         // A virtio NIC with a driver link, and lo (no device: left out).
         let pci = root.join("sys/devices/pci0000:00/0000:00:03.0/virtio0");
         fs::create_dir_all(&pci).unwrap();
         fs::create_dir_all(root.join("sys/bus/virtio/drivers/virtio_net")).unwrap();
-        symlink(root.join("sys/bus/virtio/drivers/virtio_net"), pci.join("driver")).unwrap();
+        symlink(
+            root.join("sys/bus/virtio/drivers/virtio_net"),
+            pci.join("driver"),
+        )
+        .unwrap();
         put(root, "sys/class/net/eth0/address", "52:54:00:12:34:56\n");
         put(root, "sys/class/net/eth0/carrier", "1\n");
         put(root, "sys/class/net/eth0/speed", "-1\n");
@@ -232,10 +310,26 @@ mod tests {
         put(root, "sys/class/net/lo/address", "00:00:00:00:00:00\n");
         // Two virtio disks, a RAM disk and an unbacked loop device (left out).
         for (name, sectors, serial) in [("vda", "131072", "shoal-disk-1"), ("vdb", "65536", "")] {
-            put(root, &format!("sys/block/{name}/size"), &format!("{sectors}\n"));
-            put(root, &format!("sys/block/{name}/serial"), &format!("{serial}\n"));
-            put(root, &format!("sys/block/{name}/queue/logical_block_size"), "512\n");
-            put(root, &format!("sys/block/{name}/queue/physical_block_size"), "4096\n");
+            put(
+                root,
+                &format!("sys/block/{name}/size"),
+                &format!("{sectors}\n"),
+            );
+            put(
+                root,
+                &format!("sys/block/{name}/serial"),
+                &format!("{serial}\n"),
+            );
+            put(
+                root,
+                &format!("sys/block/{name}/queue/logical_block_size"),
+                "512\n",
+            );
+            put(
+                root,
+                &format!("sys/block/{name}/queue/physical_block_size"),
+                "4096\n",
+            );
             put(root, &format!("sys/block/{name}/queue/rotational"), "0\n");
             put(root, &format!("sys/block/{name}/removable"), "0\n");
         }
@@ -257,22 +351,37 @@ mod tests {
         fake_machine(dir.path());
         let inv = collect(dir.path());
         assert_eq!(inv.system.vendor.as_deref(), Some("QEMU"));
-        assert_eq!(inv.system.serial, None, "placeholder serials are not serials");
-        assert_eq!(inv.system.uuid.as_deref(), Some("5a0b7c1e-0000-4000-8000-00000000abcd"));
+        assert_eq!(
+            inv.system.serial, None,
+            "placeholder serials are not serials"
+        );
+        assert_eq!(
+            inv.system.uuid.as_deref(),
+            Some("5a0b7c1e-0000-4000-8000-00000000abcd")
+        );
         assert_eq!(inv.cpus.count, 3);
-        assert_eq!(inv.cpus.model.as_deref(), Some("QEMU Virtual CPU version 2.5+"));
+        assert_eq!(
+            inv.cpus.model.as_deref(),
+            Some("QEMU Virtual CPU version 2.5+")
+        );
         assert_eq!(inv.memory_bytes, Some(501234 * 1024));
 
         assert_eq!(inv.nics.len(), 1);
         let nic = &inv.nics[0];
-        assert_eq!((nic.name.as_str(), nic.mac.to_string().as_str()), ("eth0", "52:54:00:12:34:56"));
+        assert_eq!(
+            (nic.name.as_str(), nic.mac.to_string().as_str()),
+            ("eth0", "52:54:00:12:34:56")
+        );
         assert_eq!(nic.driver.as_deref(), Some("virtio_net"));
         assert_eq!((nic.carrier, nic.speed_mbps), (Some(true), None));
 
         let names: Vec<&str> = inv.disks.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["sda", "vda", "vdb"]);
         let vda = &inv.disks[1];
-        assert_eq!((vda.size_bytes, vda.logical_sector, vda.physical_sector), (64 << 20, 512, 4096));
+        assert_eq!(
+            (vda.size_bytes, vda.logical_sector, vda.physical_sector),
+            (64 << 20, 512, 4096)
+        );
         assert_eq!(vda.serial.as_deref(), Some("shoal-disk-1"));
         assert_eq!(inv.disks[2].serial, None);
         let sda = &inv.disks[0];
@@ -283,7 +392,10 @@ mod tests {
 
         let text = summary(&inv);
         assert!(text.contains("  disk    vda 64.0 MiB (67108864 bytes) sectors 512/4096 ssd model - serial shoal-disk-1"), "{text}");
-        assert!(text.contains("  nic     eth0 52:54:00:12:34:56 driver virtio_net link up\n"), "{text}");
+        assert!(
+            text.contains("  nic     eth0 52:54:00:12:34:56 driver virtio_net link up\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -85,13 +85,21 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
         }
     }
     logging::init(&std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()));
-    let ctx = Context { root: root.clone(), modules_dir, load_modules: load, once: true };
+    let ctx = Context {
+        root: root.clone(),
+        modules_dir,
+        load_modules: load,
+        once: true,
+    };
     match command.as_str() {
         "version" => println!("shoal-agent {}", env!("CARGO_PKG_VERSION")),
         "inventory" => {
             let inv = inventory::collect(&root);
             if json {
-                println!("{}", serde_json::to_string_pretty(&inv).expect("inventory serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inv).expect("inventory serialises")
+                );
             } else {
                 print!("{}", inventory::summary(&inv));
             }
@@ -99,14 +107,18 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
         "modules" => agent::load_modules(&ctx),
         "dhcp" => {
             let iface = iface.ok_or("dhcp needs --iface NAME")?;
-            return Ok(ExitCode::from(net::dhcp_command(&iface, Duration::from_secs(timeout)) as u8));
+            return Ok(ExitCode::from(
+                net::dhcp_command(&iface, Duration::from_secs(timeout)) as u8,
+            ));
         }
         "run" => {
             let cmdline = match cmdline {
                 Some(c) => c,
                 None => std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default(),
             };
-            let text = config.as_ref().map(|p| (p.display().to_string(), std::fs::read_to_string(p)));
+            let text = config
+                .as_ref()
+                .map(|p| (p.display().to_string(), std::fs::read_to_string(p)));
             let file = match &text {
                 Some((p, Ok(t))) => Some((p.as_str(), t.as_str())),
                 Some((p, Err(e))) => {
@@ -128,7 +140,11 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
             if let Some(r) = state.renewer {
                 r.stop();
             }
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

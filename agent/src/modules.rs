@@ -32,13 +32,21 @@ pub enum ModError {
     #[error("cannot read {}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{}:{line}: cannot parse {text:?}", path.display())]
-    Parse { path: PathBuf, line: usize, text: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
     #[error("module {0} is not in modules.dep")]
     Unknown(String),
     #[error("module {name}: dependency cycle")]
     Cycle { name: String },
     #[error("module {name}: cannot open {}", path.display())]
-    Open { name: String, path: PathBuf, source: io::Error },
+    Open {
+        name: String,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("module {name}: finit_module failed")]
     Load { name: String, source: io::Error },
 }
@@ -55,7 +63,10 @@ fn module_name(path: &str) -> String {
 }
 
 fn read(path: &Path) -> Result<String, ModError> {
-    fs::read_to_string(path).map_err(|source| ModError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| ModError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl ModuleIndex {
@@ -64,24 +75,43 @@ impl ModuleIndex {
     pub fn load(dir: &Path) -> Result<ModuleIndex, ModError> {
         let alias_path = dir.join("modules.alias");
         let dep_path = dir.join("modules.dep");
-        let mut index = ModuleIndex::parse(&read(&alias_path)?, &read(&dep_path)?, &alias_path, &dep_path)?;
+        let mut index = ModuleIndex::parse(
+            &read(&alias_path)?,
+            &read(&dep_path)?,
+            &alias_path,
+            &dep_path,
+        )?;
         index.dir = dir.to_owned();
         if let Ok(text) = fs::read_to_string(dir.join("modules.builtin")) {
-            index.builtin = text.lines().filter(|l| !l.is_empty()).map(module_name).collect();
+            index.builtin = text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(module_name)
+                .collect();
         }
         Ok(index)
     }
 
-    fn parse(alias: &str, dep: &str, alias_path: &Path, dep_path: &Path) -> Result<ModuleIndex, ModError> {
+    fn parse(
+        alias: &str,
+        dep: &str,
+        alias_path: &Path,
+        dep_path: &Path,
+    ) -> Result<ModuleIndex, ModError> {
         let mut index = ModuleIndex::default();
         for (n, line) in alias.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = || ModError::Parse { path: alias_path.to_owned(), line: n + 1, text: line.to_owned() };
+            let bad = || ModError::Parse {
+                path: alias_path.to_owned(),
+                line: n + 1,
+                text: line.to_owned(),
+            };
             let mut words = line.split_whitespace();
-            let (Some("alias"), Some(pattern), Some(module), None) = (words.next(), words.next(), words.next(), words.next())
+            let (Some("alias"), Some(pattern), Some(module), None) =
+                (words.next(), words.next(), words.next(), words.next())
             else {
                 return Err(bad());
             };
@@ -98,14 +128,20 @@ impl ModuleIndex {
                 text: line.to_owned(),
             })?;
             let deps = deps.split_whitespace().map(module_name).collect();
-            index.deps.insert(module_name(path), (PathBuf::from(path), deps));
+            index
+                .deps
+                .insert(module_name(path), (PathBuf::from(path), deps));
         }
         Ok(index)
     }
 
     /// Modules whose alias pattern matches `modalias`, in file order, without repeats.
     pub fn lookup(&self, modalias: &str) -> Vec<&str> {
-        let opts = glob::MatchOptions { case_sensitive: true, require_literal_separator: false, require_literal_leading_dot: false };
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: false,
+            require_literal_leading_dot: false,
+        };
         let mut out: Vec<&str> = Vec::new();
         for (pattern, module) in &self.aliases {
             if pattern.matches_with(modalias, opts) && !out.contains(&module.as_str()) {
@@ -133,9 +169,14 @@ impl ModuleIndex {
                 return Ok(());
             }
             if stack.iter().any(|m| m == name) {
-                return Err(ModError::Cycle { name: name.to_owned() });
+                return Err(ModError::Cycle {
+                    name: name.to_owned(),
+                });
             }
-            let (_, deps) = index.deps.get(name).ok_or_else(|| ModError::Unknown(name.to_owned()))?;
+            let (_, deps) = index
+                .deps
+                .get(name)
+                .ok_or_else(|| ModError::Unknown(name.to_owned()))?;
             stack.push(name.to_owned());
             for d in deps {
                 visit(index, d, stack, out)?;
@@ -165,14 +206,22 @@ pub struct Device {
 /// Every device under `sys/bus/*/devices/*` that has a modalias.
 pub fn scan_devices(sys: &Path) -> Vec<Device> {
     let mut out = Vec::new();
-    let Ok(buses) = fs::read_dir(sys.join("bus")) else { return out };
+    let Ok(buses) = fs::read_dir(sys.join("bus")) else {
+        return out;
+    };
     for bus in buses.flatten() {
-        let Ok(devices) = fs::read_dir(bus.path().join("devices")) else { continue };
+        let Ok(devices) = fs::read_dir(bus.path().join("devices")) else {
+            continue;
+        };
         for dev in devices.flatten() {
             if let Ok(m) = fs::read_to_string(dev.path().join("modalias")) {
                 let modalias = m.trim().to_owned();
                 if !modalias.is_empty() {
-                    let id = format!("{}/{}", bus.file_name().to_string_lossy(), dev.file_name().to_string_lossy());
+                    let id = format!(
+                        "{}/{}",
+                        bus.file_name().to_string_lossy(),
+                        dev.file_name().to_string_lossy()
+                    );
                     out.push(Device { id, modalias });
                 }
             }
@@ -202,11 +251,18 @@ impl Loader for KernelLoader {
     }
 
     fn load(&mut self, name: &str, path: &Path) -> Result<(), ModError> {
-        let file = fs::File::open(path).map_err(|source| ModError::Open { name: name.into(), path: path.into(), source })?;
+        let file = fs::File::open(path).map_err(|source| ModError::Open {
+            name: name.into(),
+            path: path.into(),
+            source,
+        })?;
         match crate::sys::finit_module(&file) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(17) => Ok(()), // EEXIST: loaded meanwhile
-            Err(source) => Err(ModError::Load { name: name.into(), source }),
+            Err(source) => Err(ModError::Load {
+                name: name.into(),
+                source,
+            }),
         }
     }
 }
@@ -267,11 +323,17 @@ pub fn load_for_hardware(
                     if loader.is_loaded(&name) || report.loaded.contains(&name) {
                         continue;
                     }
-                    let Some(path) = index.path_of(&name) else { continue };
+                    let Some(path) = index.path_of(&name) else {
+                        continue;
+                    };
                     let t = Instant::now();
                     match loader.load(&name, &path) {
                         Ok(()) => {
-                            info!("loaded module {name} for {} ({} ms)", dev.id, t.elapsed().as_millis());
+                            info!(
+                                "loaded module {name} for {} ({} ms)",
+                                dev.id,
+                                t.elapsed().as_millis()
+                            );
                             report.loaded.push(name);
                             loaded_this_round += 1;
                         }
@@ -290,7 +352,10 @@ pub fn load_for_hardware(
         std::thread::sleep(settle);
     }
     // Devices matched in a later round (after their bus driver loaded) are not unmatched.
-    report.unmatched = unmatched.into_values().filter(|d| index.lookup(&d.modalias).is_empty()).collect();
+    report.unmatched = unmatched
+        .into_values()
+        .filter(|d| index.lookup(&d.modalias).is_empty())
+        .collect();
     report
 }
 
@@ -335,28 +400,69 @@ kernel/drivers/ata/libahci.ko:
 ";
 
     fn index() -> ModuleIndex {
-        ModuleIndex::parse(ALIAS, DEP, Path::new("modules.alias"), Path::new("modules.dep")).unwrap()
+        ModuleIndex::parse(
+            ALIAS,
+            DEP,
+            Path::new("modules.alias"),
+            Path::new("modules.dep"),
+        )
+        .unwrap()
     }
 
     #[test]
     fn modalias_globs_match() {
         let i = index();
-        assert_eq!(i.lookup("pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00"), ["virtio_pci"]);
+        assert_eq!(
+            i.lookup("pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00"),
+            ["virtio_pci"]
+        );
         assert_eq!(i.lookup("virtio:d00000001v00001AF4"), ["virtio_net"]);
-        assert_eq!(i.lookup("pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"), ["e1000"]);
-        assert_eq!(i.lookup("pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"), ["ahci"]);
-        assert_eq!(i.lookup("usb:v0BDAp8179d0100dc00dsc00dp00icFFiscFFipFFin00"), ["r8188eu"]);
-        assert!(i.lookup("usb:v0BDAp8179d2200dc00dsc00dp00icFFiscFFipFFin00").is_empty());
-        assert!(i.lookup("pci:v00008086d00007000sv00000000sd00000000bc06sc01i00").is_empty());
+        assert_eq!(
+            i.lookup("pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"),
+            ["e1000"]
+        );
+        assert_eq!(
+            i.lookup("pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"),
+            ["ahci"]
+        );
+        assert_eq!(
+            i.lookup("usb:v0BDAp8179d0100dc00dsc00dp00icFFiscFFipFFin00"),
+            ["r8188eu"]
+        );
+        assert!(i
+            .lookup("usb:v0BDAp8179d2200dc00dsc00dp00icFFiscFFipFFin00")
+            .is_empty());
+        assert!(i
+            .lookup("pci:v00008086d00007000sv00000000sd00000000bc06sc01i00")
+            .is_empty());
         // Case matters: hex digits in modaliases are upper case.
-        assert!(i.lookup("pci:v00001af4d00001000sv00001AF4sd00000001bc02sc00i00").is_empty());
+        assert!(i
+            .lookup("pci:v00001af4d00001000sv00001AF4sd00000001bc02sc00i00")
+            .is_empty());
     }
 
     #[test]
     fn dependencies_load_first() {
         let i = index();
-        assert_eq!(i.load_order("virtio-net").unwrap(), ["failover", "net_failover", "virtio", "virtio_ring", "virtio_net"]);
-        assert_eq!(i.load_order("virtio_pci").unwrap(), ["virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci"]);
+        assert_eq!(
+            i.load_order("virtio-net").unwrap(),
+            [
+                "failover",
+                "net_failover",
+                "virtio",
+                "virtio_ring",
+                "virtio_net"
+            ]
+        );
+        assert_eq!(
+            i.load_order("virtio_pci").unwrap(),
+            [
+                "virtio",
+                "virtio_ring",
+                "virtio_pci_modern_dev",
+                "virtio_pci"
+            ]
+        );
         assert!(matches!(i.load_order("nope"), Err(ModError::Unknown(_))));
     }
 
@@ -369,8 +475,17 @@ kernel/drivers/ata/libahci.ko:
 
     #[test]
     fn bad_alias_line_names_file_and_line() {
-        let e = ModuleIndex::parse("alias onlyone\n", "", Path::new("/x/modules.alias"), Path::new("d")).unwrap_err();
-        assert_eq!(e.to_string(), "/x/modules.alias:1: cannot parse \"alias onlyone\"");
+        let e = ModuleIndex::parse(
+            "alias onlyone\n",
+            "",
+            Path::new("/x/modules.alias"),
+            Path::new("d"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/x/modules.alias:1: cannot parse \"alias onlyone\""
+        );
     }
 
     #[test]
@@ -378,7 +493,10 @@ kernel/drivers/ata/libahci.ko:
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("modules.dep"), DEP).unwrap();
         let e = ModuleIndex::load(dir.path()).unwrap_err();
-        assert!(e.to_string().starts_with("cannot read ") && e.to_string().ends_with("modules.alias"), "{e}");
+        assert!(
+            e.to_string().starts_with("cannot read ") && e.to_string().ends_with("modules.alias"),
+            "{e}"
+        );
     }
 
     /// A fake kernel: loading virtio_pci makes the virtio devices appear,
@@ -396,7 +514,10 @@ kernel/drivers/ata/libahci.ko:
         fn load(&mut self, name: &str, path: &Path) -> Result<(), ModError> {
             assert!(path.ends_with(format!("{name}.ko")), "{}", path.display());
             if self.fail == Some(name) {
-                return Err(ModError::Load { name: name.into(), source: io::Error::from_raw_os_error(8) });
+                return Err(ModError::Load {
+                    name: name.into(),
+                    source: io::Error::from_raw_os_error(8),
+                });
             }
             if name == "virtio_pci" {
                 add_device(&self.sys, "virtio", "virtio0", "virtio:d00000001v00001AF4");
@@ -417,15 +538,45 @@ kernel/drivers/ata/libahci.ko:
     fn loads_to_a_fixed_point_and_reports_unknown_hardware() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
-        add_device(&sys, "pci", "0000:00:03.0", "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00");
-        add_device(&sys, "pci", "0000:00:00.0", "pci:v00008086d00001237sv00001AF4sd00001100bc06sc00i00");
+        add_device(
+            &sys,
+            "pci",
+            "0000:00:03.0",
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00",
+        );
+        add_device(
+            &sys,
+            "pci",
+            "0000:00:00.0",
+            "pci:v00008086d00001237sv00001AF4sd00001100bc06sc00i00",
+        );
         let mut index = index();
         index.dir = PathBuf::from("/lib/modules/x");
-        let mut k = FakeKernel { sys: sys.clone(), loaded: vec![], fail: None };
-        let r = load_for_hardware(&index, &sys, &mut k, Duration::ZERO, 10, Duration::from_secs(5));
+        let mut k = FakeKernel {
+            sys: sys.clone(),
+            loaded: vec![],
+            fail: None,
+        };
+        let r = load_for_hardware(
+            &index,
+            &sys,
+            &mut k,
+            Duration::ZERO,
+            10,
+            Duration::from_secs(5),
+        );
         assert_eq!(
             r.loaded,
-            ["virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk"]
+            [
+                "virtio",
+                "virtio_ring",
+                "virtio_pci_modern_dev",
+                "virtio_pci",
+                "failover",
+                "net_failover",
+                "virtio_net",
+                "virtio_blk"
+            ]
         );
         assert_eq!(r.unmatched.len(), 1);
         assert_eq!(r.unmatched[0].id, "pci/0000:00:00.0");
@@ -437,13 +588,38 @@ kernel/drivers/ata/libahci.ko:
     fn a_failing_module_is_reported_and_the_rest_go_on() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
-        add_device(&sys, "pci", "0000:00:03.0", "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00");
-        add_device(&sys, "pci", "0000:00:04.0", "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00");
-        let mut k = FakeKernel { sys: sys.clone(), loaded: vec![], fail: Some("e1000") };
-        let r = load_for_hardware(&index(), &sys, &mut k, Duration::ZERO, 10, Duration::from_secs(5));
+        add_device(
+            &sys,
+            "pci",
+            "0000:00:03.0",
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00",
+        );
+        add_device(
+            &sys,
+            "pci",
+            "0000:00:04.0",
+            "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00",
+        );
+        let mut k = FakeKernel {
+            sys: sys.clone(),
+            loaded: vec![],
+            fail: Some("e1000"),
+        };
+        let r = load_for_hardware(
+            &index(),
+            &sys,
+            &mut k,
+            Duration::ZERO,
+            10,
+            Duration::from_secs(5),
+        );
         assert_eq!(r.failed.len(), 1);
         assert_eq!(r.failed[0].0, "e1000");
-        assert!(r.failed[0].1.contains("module e1000: finit_module failed"), "{:?}", r.failed);
+        assert!(
+            r.failed[0].1.contains("module e1000: finit_module failed"),
+            "{:?}",
+            r.failed
+        );
         assert!(r.loaded.contains(&"virtio_net".to_string()));
     }
 }

@@ -90,7 +90,11 @@ pub struct Warning {
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}; ignored", self.source, self.key, self.message)
+        write!(
+            f,
+            "{}: {}: {}; ignored",
+            self.source, self.key, self.message
+        )
     }
 }
 
@@ -114,7 +118,11 @@ impl Settings {
             Ok(t) => t,
             Err(e) => {
                 let message = format!("not valid TOML: {}", e.message());
-                warnings.push(Warning { source: path.into(), key: "(file)".into(), message });
+                warnings.push(Warning {
+                    source: path.into(),
+                    key: "(file)".into(),
+                    message,
+                });
                 return;
             }
         };
@@ -124,13 +132,24 @@ impl Settings {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => if b { "1" } else { "0" }.to_string(),
                 other => {
-                    let message = format!("expected a string, number or boolean, found {}", other.type_str());
-                    warnings.push(Warning { source: path.into(), key, message });
+                    let message = format!(
+                        "expected a string, number or boolean, found {}",
+                        other.type_str()
+                    );
+                    warnings.push(Warning {
+                        source: path.into(),
+                        key,
+                        message,
+                    });
                     continue;
                 }
             };
             if let Err(message) = self.apply_key(&key, &value) {
-                warnings.push(Warning { source: path.into(), key, message });
+                warnings.push(Warning {
+                    source: path.into(),
+                    key,
+                    message,
+                });
             }
         }
     }
@@ -147,14 +166,24 @@ impl Settings {
                     None => Err("has no value (expected shoal.KEY=VALUE)".into()),
                 }
             } else if key == "BOOTIF" {
-                value.ok_or_else(|| "has no value".to_string()).and_then(parse_bootif).map(|m| self.boot_mac = Some(m))
+                value
+                    .ok_or_else(|| "has no value".to_string())
+                    .and_then(parse_bootif)
+                    .map(|m| self.boot_mac = Some(m))
             } else if key == "ip" {
-                value.ok_or_else(|| "has no value".to_string()).and_then(parse_kernel_ip).map(|n| self.net = n)
+                value
+                    .ok_or_else(|| "has no value".to_string())
+                    .and_then(parse_kernel_ip)
+                    .map(|n| self.net = n)
             } else {
                 Ok(()) // the kernel's or somebody else's
             };
             if let Err(message) = result {
-                warnings.push(Warning { source: CMDLINE.into(), key: key.to_string(), message });
+                warnings.push(Warning {
+                    source: CMDLINE.into(),
+                    key: key.to_string(),
+                    message,
+                });
             }
         }
     }
@@ -167,11 +196,14 @@ impl Settings {
             "controller_key" => self.controller_key = Some(nonempty(value)?),
             "iface" => self.iface = Some(nonempty(value)?),
             "net" => {
-                self.net = match value {
-                    "dhcp" => NetMode::Dhcp,
-                    "off" | "none" => NetMode::Off,
-                    _ => return Err(format!("{value:?} is not one of dhcp, off (use ip=... for a static address)")),
-                }
+                self.net =
+                    match value {
+                        "dhcp" => NetMode::Dhcp,
+                        "off" | "none" => NetMode::Off,
+                        _ => return Err(format!(
+                            "{value:?} is not one of dhcp, off (use ip=... for a static address)"
+                        )),
+                    }
             }
             "dhcp_timeout" => self.dhcp_timeout = parse_secs(value, 1, 600)?,
             "carrier_wait" => self.carrier_wait = parse_secs(value, 0, 600)?,
@@ -243,7 +275,11 @@ fn parse_log(v: &str) -> Result<String, String> {
     for part in v.split(',') {
         let level = part.rsplit('=').next().unwrap_or("");
         if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            let what = if v.contains(',') { format!("{v:?}: {level:?}") } else { format!("{v:?}") };
+            let what = if v.contains(',') {
+                format!("{v:?}: {level:?}")
+            } else {
+                format!("{v:?}")
+            };
             return Err(format!("{what} is not one of {}", LEVELS.join(", ")));
         }
     }
@@ -251,21 +287,27 @@ fn parse_log(v: &str) -> Result<String, String> {
 }
 
 fn parse_host_port(v: &str) -> Result<String, String> {
-    let (host, port) = v.rsplit_once(':').ok_or_else(|| format!("{v:?} is not HOST:PORT"))?;
+    let (host, port) = v
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{v:?} is not HOST:PORT"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(format!("{v:?} has no host"));
     }
     match port.parse::<u16>() {
         Ok(p) if p != 0 => Ok(v.to_string()),
-        _ => Err(format!("{v:?}: port {port:?} is not a number from 1 to 65535")),
+        _ => Err(format!(
+            "{v:?}: port {port:?} is not a number from 1 to 65535"
+        )),
     }
 }
 
 fn parse_secs(v: &str, min: u64, max: u64) -> Result<Duration, String> {
     match v.parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{v:?} is not a whole number of seconds from {min} to {max}")),
+        _ => Err(format!(
+            "{v:?} is not a whole number of seconds from {min} to {max}"
+        )),
     }
 }
 
@@ -273,14 +315,18 @@ fn parse_bool(v: &str) -> Result<bool, String> {
     match v {
         "1" | "on" | "yes" | "true" => Ok(true),
         "0" | "off" | "no" | "false" => Ok(false),
-        _ => Err(format!("{v:?} is not one of 1, 0, on, off, yes, no, true, false")),
+        _ => Err(format!(
+            "{v:?} is not one of 1, 0, on, off, yes, no, true, false"
+        )),
     }
 }
 
 /// `BOOTIF=01-52-54-00-12-34-56` (ARP hardware type 1 first), or a bare MAC.
 fn parse_bootif(v: &str) -> Result<MacAddr, String> {
     let bare = match v.split('-').count() {
-        7 => v.strip_prefix("01-").ok_or_else(|| format!("{v:?}: only Ethernet (type 01) is supported"))?,
+        7 => v
+            .strip_prefix("01-")
+            .ok_or_else(|| format!("{v:?}: only Ethernet (type 01) is supported"))?,
         _ => v,
     };
     MacAddr::parse(bare).map_err(|e| e.to_string())
@@ -297,12 +343,21 @@ fn parse_kernel_ip(v: &str) -> Result<NetMode, String> {
     let f: Vec<&str> = v.split(':').collect();
     let field = |i: usize| f.get(i).copied().filter(|s| !s.is_empty());
     let ip = |i: usize, what: &str| -> Result<Option<Ipv4Addr>, String> {
-        field(i).map(|s| s.parse().map_err(|_| format!("{v:?}: {what} {s:?} is not an IPv4 address"))).transpose()
+        field(i)
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| format!("{v:?}: {what} {s:?} is not an IPv4 address"))
+            })
+            .transpose()
     };
     let address = match ip(0, "client address")? {
         Some(a) => a,
         None if matches!(field(6), Some("dhcp")) => return Ok(NetMode::Dhcp),
-        None => return Err(format!("{v:?}: no client address (and autoconf is not dhcp)")),
+        None => {
+            return Err(format!(
+                "{v:?}: no client address (and autoconf is not dhcp)"
+            ))
+        }
     };
     let gateway = ip(2, "gateway")?;
     let prefix_len = match ip(3, "netmask")? {
@@ -315,7 +370,12 @@ fn parse_kernel_ip(v: &str) -> Result<NetMode, String> {
         }
         None => 24,
     };
-    Ok(NetMode::Static(StaticIp { address, prefix_len, gateway, device: field(5).map(str::to_string) }))
+    Ok(NetMode::Static(StaticIp {
+        address,
+        prefix_len,
+        gateway,
+        device: field(5).map(str::to_string),
+    }))
 }
 
 #[cfg(test)]
@@ -372,10 +432,20 @@ mod tests {
                 "ip"
             ]
         );
-        let text = w.iter().map(|w| w.to_string()).collect::<Vec<_>>().join("\n");
-        assert!(text.contains("kernel command line: shoal.bogus: unknown key; ignored"), "{text}");
+        let text = w
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            text.contains("kernel command line: shoal.bogus: unknown key; ignored"),
+            "{text}"
+        );
         assert!(text.contains("\"loud\" is not one of"), "{text}");
-        assert!(text.contains("netmask 255.0.255.0 is not contiguous"), "{text}");
+        assert!(
+            text.contains("netmask 255.0.255.0 is not contiguous"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -388,7 +458,12 @@ mod tests {
             gateway: Some(Ipv4Addr::new(10, 1, 0, 1)),
             device: Some("eth1".into()),
         });
-        assert_eq!(load("ip=10.1.2.3::10.1.0.1:255.255.0.0:host:eth1:off").0.net, want);
+        assert_eq!(
+            load("ip=10.1.2.3::10.1.0.1:255.255.0.0:host:eth1:off")
+                .0
+                .net,
+            want
+        );
     }
 
     #[test]
@@ -404,13 +479,18 @@ mod tests {
         assert_eq!(s.controller.as_deref(), Some("ctl:4000"));
         assert!(!s.load_modules);
         assert_eq!(w.len(), 1);
-        assert_eq!(w[0].to_string(), "/etc/shoal/agent.toml: then: \"3\" is not one of wait, reboot, poweroff; ignored");
+        assert_eq!(
+            w[0].to_string(),
+            "/etc/shoal/agent.toml: then: \"3\" is not one of wait, reboot, poweroff; ignored"
+        );
     }
 
     #[test]
     fn broken_config_file_is_a_warning() {
         let (s, w) = Settings::load(Some(("/etc/shoal/agent.toml", "log = [")), "");
         assert_eq!(s, Settings::default());
-        assert!(w[0].to_string().starts_with("/etc/shoal/agent.toml: (file): not valid TOML"));
+        assert!(w[0]
+            .to_string()
+            .starts_with("/etc/shoal/agent.toml: (file): not valid TOML"));
     }
 }

@@ -27,13 +27,21 @@ pub fn finit_module(file: &File) -> io::Result<()> {
     nix_finit(file.as_fd(), &CString::default(), ModuleInitFlags::empty()).map_err(io)
 }
 
-pub fn mount(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
     nix_mount(Some(source), target, Some(fstype), flags, data).map_err(io)
 }
 
 /// Time since boot (counts suspend), for log lines that line up with the kernel's.
 pub fn uptime() -> Duration {
-    clock_gettime(ClockId::CLOCK_BOOTTIME).map(Duration::from).unwrap_or_default()
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 pub fn sync() {
@@ -42,7 +50,11 @@ pub fn sync() {
 
 /// Powers the machine off or reboots it. Returns only on failure.
 pub fn power(poweroff: bool) -> io::Error {
-    let mode = if poweroff { RebootMode::RB_POWER_OFF } else { RebootMode::RB_AUTOBOOT };
+    let mode = if poweroff {
+        RebootMode::RB_POWER_OFF
+    } else {
+        RebootMode::RB_AUTOBOOT
+    };
     match reboot(mode) {
         Ok(never) => match never {},
         Err(e) => io(e),
@@ -57,7 +69,13 @@ pub fn cad_to_signal() -> io::Result<()> {
 /// The signals PID 1 handles on its signal thread.
 pub fn init_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR, Signal::SIGCHLD, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+        Signal::SIGCHLD,
+        Signal::SIGHUP,
+    ] {
         set.add(s);
     }
     set

@@ -112,7 +112,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -173,7 +177,13 @@ mod tests {
 
     #[test]
     fn mac_rejects_garbage() {
-        for s in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:0f:11", "5:54:00:ab:cd:0f", "zz:54:00:ab:cd:0f"] {
+        for s in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:11",
+            "5:54:00:ab:cd:0f",
+            "zz:54:00:ab:cd:0f",
+        ] {
             assert!(MacAddr::parse(s).is_err(), "{s}");
         }
     }
@@ -181,8 +191,18 @@ mod tests {
     #[test]
     fn inventory_serialises_both_ways() {
         let inv = Inventory {
-            nics: vec![Nic { name: "eth0".into(), mac: MacAddr([2, 0, 0, 0, 0, 1]), ..Nic::default() }],
-            disks: vec![Disk { name: "vda".into(), size_bytes: 1 << 30, logical_sector: 512, physical_sector: 512, ..Disk::default() }],
+            nics: vec![Nic {
+                name: "eth0".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                ..Nic::default()
+            }],
+            disks: vec![Disk {
+                name: "vda".into(),
+                size_bytes: 1 << 30,
+                logical_sector: 512,
+                physical_sector: 512,
+                ..Disk::default()
+            }],
             ..Inventory::default()
         };
         let json = serde_json::to_string(&inv).unwrap();

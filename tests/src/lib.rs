@@ -33,15 +33,23 @@ pub fn agent_bin() -> PathBuf {
 /// Fails the test unless it runs as root (network namespaces, loop devices).
 pub fn require_root(what: &str) {
     // `id -u` keeps this crate free of libc for one call.
-    let uid = std::process::Command::new("id").arg("-u").output().expect("run `id -u`");
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("run `id -u`");
     let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
-    assert_eq!(uid, "0", "{what} needs root (creates network namespaces / devices); run as root");
+    assert_eq!(
+        uid, "0",
+        "{what} needs root (creates network namespaces / devices); run as root"
+    );
 }
 
 /// Fails the test unless `prog` is on PATH, naming the package that has it.
 pub fn require_program(prog: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
         let candidate = dir.join(prog);
         if candidate.is_file() {
             return candidate;

@@ -53,6 +53,7 @@ pub struct VmBuilder {
     paused: bool,
     netns: Option<String>,
     name: String,
+    smbios: Option<(String, String)>,
 }
 
 impl VmBuilder {
@@ -71,12 +72,14 @@ impl VmBuilder {
             paused: false,
             netns: None,
             name: "vm".into(),
+            smbios: None,
         }
     }
 
     /// Adds kernel command-line words.
     pub fn append(mut self, words: &str) -> Self {
-        self.append.extend(words.split_whitespace().map(str::to_owned));
+        self.append
+            .extend(words.split_whitespace().map(str::to_owned));
         self
     }
 
@@ -97,17 +100,28 @@ impl VmBuilder {
     }
 
     pub fn disk(mut self, path: impl Into<PathBuf>, serial: Option<&str>) -> Self {
-        self.disks.push(DiskSpec { path: path.into(), serial: serial.map(str::to_owned) });
+        self.disks.push(DiskSpec {
+            path: path.into(),
+            serial: serial.map(str::to_owned),
+        });
         self
     }
 
     pub fn nic(mut self, mac: &str, backend: NetBackend) -> Self {
-        self.nics.push(NicSpec { mac: mac.into(), model: "virtio-net-pci".into(), backend });
+        self.nics.push(NicSpec {
+            mac: mac.into(),
+            model: "virtio-net-pci".into(),
+            backend,
+        });
         self
     }
 
     pub fn nic_model(mut self, mac: &str, model: &str, backend: NetBackend) -> Self {
-        self.nics.push(NicSpec { mac: mac.into(), model: model.into(), backend });
+        self.nics.push(NicSpec {
+            mac: mac.into(),
+            model: model.into(),
+            backend,
+        });
         self
     }
 
@@ -127,6 +141,12 @@ impl VmBuilder {
     /// Runs QEMU inside a network namespace (for tap devices there).
     pub fn netns(mut self, ns: &str) -> Self {
         self.netns = Some(ns.into());
+        self
+    }
+
+    /// SMBIOS system UUID and serial number (the device identity).
+    pub fn smbios(mut self, uuid: &str, serial: &str) -> Self {
+        self.smbios = Some((uuid.into(), serial.into()));
         self
     }
 
@@ -160,21 +180,38 @@ impl VmBuilder {
         ];
         for (i, d) in self.disks.iter().enumerate() {
             a.push("-drive".into());
-            a.push(format!("file={},format=raw,if=none,id=d{i},cache=unsafe", d.path.display()));
+            a.push(format!(
+                "file={},format=raw,if=none,id=d{i},cache=unsafe",
+                d.path.display()
+            ));
             a.push("-device".into());
-            let serial = d.serial.as_ref().map(|s| format!(",serial={s}")).unwrap_or_default();
+            let serial = d
+                .serial
+                .as_ref()
+                .map(|s| format!(",serial={s}"))
+                .unwrap_or_default();
             a.push(format!("virtio-blk-pci,drive=d{i}{serial}"));
         }
         for (i, n) in self.nics.iter().enumerate() {
             a.push("-netdev".into());
             a.push(match &n.backend {
                 NetBackend::User => format!("user,id=n{i}"),
-                NetBackend::Tap(ifname) => format!("tap,id=n{i},ifname={ifname},script=no,downscript=no"),
+                NetBackend::Tap(ifname) => {
+                    format!("tap,id=n{i},ifname={ifname},script=no,downscript=no")
+                }
                 NetBackend::Silent => format!("hubport,id=n{i},hubid={}", 100 + i),
             });
             a.push("-device".into());
             // romfile= skips the PXE option ROM: we boot the kernel directly.
             a.push(format!("{},netdev=n{i},mac={},romfile=", n.model, n.mac));
+        }
+        if let Some((uuid, serial)) = &self.smbios {
+            a.extend([
+                "-uuid".into(),
+                uuid.clone(),
+                "-smbios".into(),
+                format!("type=1,serial={serial}"),
+            ]);
         }
         if self.paused {
             a.push("-S".into());
@@ -185,7 +222,11 @@ impl VmBuilder {
     pub fn start(self) -> anyhow::Result<Vm> {
         let qemu = find_qemu()?;
         for p in [&self.kernel, &self.initrd] {
-            anyhow::ensure!(p.exists(), "{} does not exist (run `cargo xtask kernel` / `cargo xtask initramfs`)", p.display());
+            anyhow::ensure!(
+                p.exists(),
+                "{} does not exist (run `cargo xtask kernel` / `cargo xtask initramfs`)",
+                p.display()
+            );
         }
         let dir = tempfile::Builder::new().prefix("shoal-vm-").tempdir()?;
         let monitor = dir.path().join("monitor.sock");
@@ -203,7 +244,9 @@ impl VmBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {qemu}"))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {qemu}"))?;
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
         let mut stdout = child.stdout.take().expect("piped stdout");
@@ -222,8 +265,22 @@ impl VmBuilder {
                 eprintln!("[{name} qemu] {line}");
             }
         });
-        let console = Console { rx, text: String::new(), pos: 0, echo: self.echo, closed: false, name: self.name.clone(), pending: Vec::new() };
-        let mut vm = Vm { child, console, monitor, started, _dir: dir };
+        let console = Console {
+            rx,
+            text: String::new(),
+            pos: 0,
+            echo: self.echo,
+            closed: false,
+            name: self.name.clone(),
+            pending: Vec::new(),
+        };
+        let mut vm = Vm {
+            child,
+            console,
+            monitor,
+            started,
+            _dir: dir,
+        };
         vm.wait_for_monitor()?;
         Ok(vm)
     }
@@ -267,11 +324,17 @@ impl Vm {
             }
             if let Some(status) = self.child.try_wait()? {
                 self.console.drain(Duration::from_millis(200));
-                bail!("QEMU exited at start ({status}); console:\n{}", self.console.tail(2000));
+                bail!(
+                    "QEMU exited at start ({status}); console:\n{}",
+                    self.console.tail(2000)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("QEMU's monitor socket {} did not appear within 10 s", self.monitor.display())
+        bail!(
+            "QEMU's monitor socket {} did not appear within 10 s",
+            self.monitor.display()
+        )
     }
 
     /// Sends one human-monitor command (`set_link n0 off`, `cont`, ...).
@@ -307,7 +370,10 @@ impl Vm {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                bail!("QEMU still running after {timeout:?}; console tail:\n{}", self.console.tail(3000));
+                bail!(
+                    "QEMU still running after {timeout:?}; console tail:\n{}",
+                    self.console.tail(3000)
+                );
             }
         }
     }
@@ -390,11 +456,19 @@ impl Console {
                 return Ok(self.text[line_start..end].to_owned());
             }
             if self.closed {
-                bail!("[{}] console closed (QEMU exited) before {needle:?}; tail:\n{}", self.name, self.tail(3000));
+                bail!(
+                    "[{}] console closed (QEMU exited) before {needle:?}; tail:\n{}",
+                    self.name,
+                    self.tail(3000)
+                );
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("[{}] {needle:?} did not appear within {timeout:?}; console tail:\n{}", self.name, self.tail(3000));
+                bail!(
+                    "[{}] {needle:?} did not appear within {timeout:?}; console tail:\n{}",
+                    self.name,
+                    self.tail(3000)
+                );
             }
             self.drain(left.min(Duration::from_millis(100)));
         }
@@ -437,24 +511,48 @@ mod tests {
             .args()
             .join(" ");
         assert!(a.contains("-accel tcg"), "{a}");
-        assert!(a.contains("-append console=ttyS0 panic=-1 quiet shoal.log=debug"), "{a}");
+        assert!(
+            a.contains("-append console=ttyS0 panic=-1 quiet shoal.log=debug"),
+            "{a}"
+        );
         assert!(a.contains("virtio-blk-pci,drive=d0,serial=s1"), "{a}");
-        assert!(a.contains("virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="),
+            "{a}"
+        );
     }
 
     #[test]
     fn expect_finds_lines_in_order() {
         let (tx, rx) = mpsc::channel();
-        let mut c = Console { rx, text: String::new(), pos: 0, echo: false, closed: false, name: "t".into(), pending: vec![] };
-        tx.send(b"boot\r\nlease acquired on eth0: 10.0.2.15/24\nnext ".to_vec()).unwrap();
+        let mut c = Console {
+            rx,
+            text: String::new(),
+            pos: 0,
+            echo: false,
+            closed: false,
+            name: "t".into(),
+            pending: vec![],
+        };
+        tx.send(b"boot\r\nlease acquired on eth0: 10.0.2.15/24\nnext ".to_vec())
+            .unwrap();
         tx.send("line \u{e9}".as_bytes()[..6].to_vec()).unwrap();
         tx.send("\u{e9}\n".as_bytes()[1..].to_vec()).unwrap();
         let line = c.expect("lease acquired", Duration::from_secs(1)).unwrap();
         assert_eq!(line, "lease acquired on eth0: 10.0.2.15/24");
-        assert!(c.expect("boot", Duration::from_millis(10)).is_err(), "read position moved past it");
-        assert_eq!(c.expect("next", Duration::from_secs(1)).unwrap(), "next line \u{e9}");
+        assert!(
+            c.expect("boot", Duration::from_millis(10)).is_err(),
+            "read position moved past it"
+        );
+        assert_eq!(
+            c.expect("next", Duration::from_secs(1)).unwrap(),
+            "next line \u{e9}"
+        );
         drop(tx);
-        let e = c.expect("never", Duration::from_secs(1)).unwrap_err().to_string();
+        let e = c
+            .expect("never", Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("console closed"), "{e}");
     }
 }

@@ -16,11 +16,26 @@ pub fn build() -> anyhow::Result<PathBuf> {
     util::run(
         Command::new(cargo)
             .current_dir(util::root())
-            .args(["build", "--quiet", "--package", "shoal-agent", "--profile", "agent", "--target", TARGET])
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "shoal-agent",
+                "--profile",
+                "agent",
+                "--target",
+                TARGET,
+            ])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| util::root().join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::root().join("target"));
     let bin = target_dir.join(TARGET).join("agent").join("shoal-agent");
-    anyhow::ensure!(bin.exists(), "cargo built the agent but {} is missing", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "cargo built the agent but {} is missing",
+        bin.display()
+    );
     Ok(bin)
 }

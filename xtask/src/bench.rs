@@ -56,7 +56,10 @@ fn boot(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(v) = &kernel.vmlinux {
         images.push(("vmlinux (PVH)", v.clone()));
     }
-    println!("bench boot: kernel {}, {} runs each, QEMU TCG, 1 vCPU, virtio NIC on user network", kernel.version, args.runs);
+    println!(
+        "bench boot: kernel {}, {} runs each, QEMU TCG, 1 vCPU, virtio NIC on user network",
+        kernel.version, args.runs
+    );
     for (label, image) in images {
         let mut to_lease = Vec::new();
         let mut to_init = Vec::new();
@@ -67,9 +70,11 @@ fn boot(args: &BenchArgs) -> anyhow::Result<()> {
                 .append("shoal.then=poweroff")
                 .start()?;
             let t0 = vm.started();
-            vm.console().expect("starting as PID 1", Duration::from_secs(120))?;
+            vm.console()
+                .expect("starting as PID 1", Duration::from_secs(120))?;
             let init = t0.elapsed().as_secs_f64();
-            vm.console().expect("lease acquired on", Duration::from_secs(120))?;
+            vm.console()
+                .expect("lease acquired on", Duration::from_secs(120))?;
             let lease = t0.elapsed().as_secs_f64();
             let _ = vm.wait_exit(Duration::from_secs(60));
             println!("  {label:<14} run {run}: /init at {init:.2} s, lease at {lease:.2} s");

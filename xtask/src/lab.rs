@@ -38,7 +38,12 @@ pub struct LabArgs {
 /// A sparse disk image of `size` bytes (kept if it already has that size).
 pub fn disk(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path.parent().unwrap())?;
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("create {}", path.display()))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
     f.set_len(size)?;
     Ok(path.to_owned())
 }
@@ -50,12 +55,25 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let dir = util::out_dir().join("lab");
     let d1 = disk(&dir.join("disk1.img"), 64 << 20)?;
     let d2 = disk(&dir.join("disk2.img"), 32 << 20)?;
-    let image = kernel.vmlinux.clone().unwrap_or_else(|| kernel.bzimage.clone());
-    println!("lab: kernel {} ({}), initramfs {}", kernel.version, image.display(), initrd.display());
-    println!("lab: disks {} (64 MiB), {} (32 MiB); NIC {LAB_MAC} on QEMU user network", d1.display(), d2.display());
+    let image = kernel
+        .vmlinux
+        .clone()
+        .unwrap_or_else(|| kernel.bzimage.clone());
+    println!(
+        "lab: kernel {} ({}), initramfs {}",
+        kernel.version,
+        image.display(),
+        initrd.display()
+    );
+    println!(
+        "lab: disks {} (64 MiB), {} (32 MiB); NIC {LAB_MAC} on QEMU user network",
+        d1.display(),
+        d2.display()
+    );
     let mut builder = VmBuilder::new(&image, &initrd)
         .name("lab")
         .echo(true)
+        .smbios("5a0b7c1e-5ea1-4000-8000-00000000000a", "SHOAL-LAB-0001")
         .disk(&d1, Some("shoal-lab-disk-1"))
         .disk(&d2, Some("shoal-lab-disk-2"))
         .nic(LAB_MAC, NetBackend::User)
@@ -68,11 +86,23 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut vm = builder.start()?;
-    let timeout = if args.wait { Duration::from_secs(365 * 86400) } else { Duration::from_secs(args.timeout) };
+    let timeout = if args.wait {
+        Duration::from_secs(365 * 86400)
+    } else {
+        Duration::from_secs(args.timeout)
+    };
     let status = vm.wait_exit(timeout)?;
     let log = dir.join("console.log");
     vm.console().save(&log)?;
-    println!("\nlab: guest stopped after {:.1} s ({status}); console saved to {}", started.elapsed().as_secs_f64(), log.display());
-    anyhow::ensure!(vm.console().saw("lease acquired on"), "lab: the agent never reported a DHCP lease (see {})", log.display());
+    println!(
+        "\nlab: guest stopped after {:.1} s ({status}); console saved to {}",
+        started.elapsed().as_secs_f64(),
+        log.display()
+    );
+    anyhow::ensure!(
+        vm.console().saw("lease acquired on"),
+        "lab: the agent never reported a DHCP lease (see {})",
+        log.display()
+    );
     Ok(())
 }

@@ -21,7 +21,10 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let kernel = kernel::ensure(&args.kernel)?;
     let lab = initramfs::build_for(&kernel, &agent, shoal_initramfs::Flavour::Lab, None)?;
     let full = initramfs::build_for(&kernel, &agent, shoal_initramfs::Flavour::Full, None)?;
-    let image = kernel.vmlinux.clone().unwrap_or_else(|| kernel.bzimage.clone());
+    let image = kernel
+        .vmlinux
+        .clone()
+        .unwrap_or_else(|| kernel.bzimage.clone());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(util::root())
