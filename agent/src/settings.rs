@@ -41,8 +41,10 @@ pub struct Settings {
     pub log: String,
     /// `shoal.controller=HOST:PORT`, kept as written (resolved later, after DHCP).
     pub controller: Option<String>,
-    /// `shoal.controller_key=`: the Controller's public key to pin.
-    pub controller_key: Option<String>,
+    /// `shoal.controller_key=`: the Controller's static public key to pin (64 hex digits).
+    pub controller_key: Option<[u8; 32]>,
+    /// `shoal.enrol_key=`: the site enrolment secret (Noise PSK, 64 hex digits).
+    pub enrol_key: Option<[u8; 32]>,
     /// `BOOTIF=` from PXELINUX/iPXE.
     pub boot_mac: Option<MacAddr>,
     /// `shoal.iface=`: use only this NIC.
@@ -66,6 +68,7 @@ impl Default for Settings {
             log: "info".into(),
             controller: None,
             controller_key: None,
+            enrol_key: None,
             boot_mac: None,
             iface: None,
             net: NetMode::Dhcp,
@@ -193,7 +196,8 @@ impl Settings {
         match key {
             "log" => self.log = parse_log(value)?,
             "controller" => self.controller = Some(parse_host_port(value)?),
-            "controller_key" => self.controller_key = Some(nonempty(value)?),
+            "controller_key" => self.controller_key = Some(parse_key(value)?),
+            "enrol_key" => self.enrol_key = Some(parse_key(value)?),
             "iface" => self.iface = Some(nonempty(value)?),
             "net" => {
                 self.net =
@@ -267,6 +271,10 @@ fn nonempty(v: &str) -> Result<String, String> {
     } else {
         Ok(v.to_string())
     }
+}
+
+fn parse_key(v: &str) -> Result<[u8; 32], String> {
+    shoal_protocol::channel::key_from_hex(v).map_err(|_| "is not a 32-byte key as 64 hex digits".to_string())
 }
 
 fn parse_log(v: &str) -> Result<String, String> {

@@ -7,6 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod channel;
+pub mod control;
+pub mod frame;
 pub mod inventory;
 
 pub use inventory::Inventory;
