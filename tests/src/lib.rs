@@ -9,7 +9,11 @@
 
 use std::path::PathBuf;
 
+pub mod client;
 pub mod netns;
+pub mod proc;
+pub mod proxy;
+pub mod site;
 pub mod vm;
 
 /// Reads an artefact path that `cargo xtask test` exports, or fails the test
