@@ -37,6 +37,11 @@ enum Task {
     Test(test::TestArgs),
     /// Run a benchmark and report medians.
     Bench(bench::BenchArgs),
+    /// Fuzz the control channel's parsers for a while (release build).
+    Fuzz {
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +71,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Lab(args) => lab::run(&args)?,
         Task::Test(args) => test::run(&args)?,
         Task::Bench(args) => bench::run(&args)?,
+        Task::Fuzz { seconds } => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            util::run(
+                std::process::Command::new(cargo)
+                    .current_dir(util::root())
+                    .args(["run", "--quiet", "--release", "-p", "shoal-protocol", "--example", "fuzz_control", "--"])
+                    .args(["--seconds", &seconds.to_string()]),
+            )?;
+        }
     }
     Ok(())
 }
