@@ -273,6 +273,7 @@ impl VmBuilder {
             closed: false,
             name: self.name.clone(),
             pending: Vec::new(),
+            line_start: true,
         };
         let mut vm = Vm {
             child,
@@ -400,6 +401,8 @@ pub struct Console {
     closed: bool,
     name: String,
     pending: Vec<u8>,
+    /// Echo only: the next byte starts a line (gets the `[name] ` prefix).
+    line_start: bool,
 }
 
 impl Console {
@@ -430,8 +433,15 @@ impl Console {
         let chunk: Vec<u8> = self.pending.drain(..valid).collect();
         let s = String::from_utf8_lossy(&chunk).replace('\r', "");
         if self.echo {
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(s.as_bytes());
+            let mut out = String::with_capacity(s.len() + 16);
+            for c in s.chars() {
+                if self.line_start {
+                    out.push_str(&format!("[{}] ", self.name));
+                }
+                out.push(c);
+                self.line_start = c == '\n';
+            }
+            let _ = std::io::stderr().lock().write_all(out.as_bytes());
         }
         self.text.push_str(&s);
     }
@@ -533,6 +543,7 @@ mod tests {
             closed: false,
             name: "t".into(),
             pending: vec![],
+            line_start: true,
         };
         tx.send(b"boot\r\nlease acquired on eth0: 10.0.2.15/24\nnext ".to_vec())
             .unwrap();
