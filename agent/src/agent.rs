@@ -1,6 +1,7 @@
 //! The agent's work after bring-up, the same in PID 1 and as an ordinary
 //! process: load drivers for the hardware, take the inventory, bring up the
-//! network. (Authenticating to the Controller and running jobs come next.)
+//! network. The control channel (`control/`) takes over after this when a
+//! Controller is configured.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -231,7 +232,7 @@ pub fn run(ctx: &Context, settings: &Settings) -> State {
     }
     let (lease, renewer) = network(ctx, settings).unzip();
     match &settings.controller {
-        Some(c) => info!("controller: {c} (control channel not built yet)"),
+        Some(c) => info!("controller: {c}"),
         None => info!("controller: none configured (shoal.controller=HOST:PORT)"),
     }
     State {

@@ -1,4 +1,6 @@
-//! PID 1: early bring-up, settings, logging, signals, then the agent's work.
+//! PID 1: early bring-up, settings, logging, signals, then the agent's work:
+//! with `shoal.controller=` set, the control loop (`control/`), which runs
+//! until a power step from the Controller; without, `shoal.then=`.
 //!
 //! PID 1 never returns: if it exited, the kernel would panic. A fatal error
 //! (or a panic) is logged, the disks are synced, and after a back-off the
@@ -14,6 +16,7 @@ use log::{debug, error, info, warn};
 
 use crate::agent::{self, Context};
 use crate::bringup::{self, Outcome};
+use crate::control::{self, ClientConfig, LocalHooks};
 use crate::settings::{PowerAction, Settings};
 use crate::{logging, sys};
 
@@ -69,14 +72,34 @@ pub fn main() -> ! {
     let state = agent::run(&ctx, &settings);
     info!("{}", state.ready_line());
 
+    // With a Controller configured, the control loop takes over and
+    // `shoal.then` does not apply: the Controller's power steps end the agent.
+    if settings.controller.is_some() {
+        let hooks = LocalHooks {
+            root: ctx.root.clone(),
+            pid1: true,
+        };
+        match ClientConfig::from_settings(&settings, state.inventory.clone()) {
+            Ok(Some(cfg)) => {
+                control::run(cfg, hooks);
+            }
+            Ok(None) => {}
+            Err(e) => error!("{e}; not connecting to the controller (waiting here)"),
+        }
+        wait_forever(&state);
+    }
     match settings.then {
-        PowerAction::Wait => loop {
-            let _keep = &state; // the lease renewer lives as long as this loop
-                                // Later issues: the control channel runs here. Signals are handled
-                                // on their own thread; this thread only has to stay alive.
-            std::thread::sleep(Duration::from_secs(3600));
-        },
+        PowerAction::Wait => wait_forever(&state),
         action => power(action, "bring-up done (shoal.then)"),
+    }
+}
+
+/// Keeps PID 1 alive. Signals are handled on their own thread; the lease
+/// renewer in `state` lives as long as this loop.
+fn wait_forever(state: &agent::State) -> ! {
+    loop {
+        let _keep = state;
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
@@ -112,7 +135,7 @@ fn start_signal_thread() {
 }
 
 /// Syncs and powers off or reboots. Never returns.
-fn power(action: PowerAction, why: &str) -> ! {
+pub(crate) fn power(action: PowerAction, why: &str) -> ! {
     let poweroff = action != PowerAction::Reboot;
     info!(
         "{why}: {}",

@@ -7,6 +7,7 @@
 
 mod agent;
 mod bringup;
+mod control;
 mod init;
 mod inventory;
 mod logging;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 
 use crate::agent::Context;
+use crate::control::{ClientConfig, LocalHooks};
 use crate::settings::Settings;
 
 const USAGE: &str = "\
@@ -31,13 +33,22 @@ usage: shoal-agent                     (as PID 1: the netboot agent)
        shoal-agent inventory [--root DIR] [--json]
        shoal-agent modules [--root DIR] [--modules DIR] [--load]
        shoal-agent dhcp --iface NAME [--timeout SECS]
+       shoal-agent swarm --count N --cmdline TEXT [--seconds S]
        shoal-agent version
 
 run        bring-up as PID 1 does it, minus mounts and power: modules,
-           inventory, network (one attempt), then exit
+           inventory, network (one attempt), then exit; with
+           shoal.controller= (and shoal.controller_key=, shoal.enrol_key=)
+           set, stay connected to the Controller running its steps until a
+           poweroff/reboot step (which exits 0) or SIGTERM/Ctrl-C
 inventory  print the hardware inventory read from DIR/sys and DIR/proc
 modules    match DIR/sys devices against modules.alias; --load loads them
-dhcp       get a DHCP lease on NAME, configure it, print the lease";
+dhcp       get a DHCP lease on NAME, configure it, print the lease
+swarm      N control clients in one process, each with a synthetic identity,
+           connecting to the Controller named in TEXT's shoal.controller=,
+           shoal.controller_key=, shoal.enrol_key=; after S seconds (or every
+           10 s if none) print `swarm: N clients, M registered, H heartbeats
+           sent, R reconnects` (S given: then exit). SHOAL_LOG defaults to warn";
 
 fn main() -> ExitCode {
     if std::process::id() == 1 {
@@ -71,6 +82,8 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
     let mut json = false;
     let mut iface = None;
     let mut timeout = 10u64;
+    let mut count = 1u32;
+    let mut seconds = None;
     while let Some(arg) = parser.next()? {
         match arg {
             Long("root") => root = parser.value()?.into(),
@@ -81,10 +94,14 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
             Long("json") => json = true,
             Long("iface") => iface = Some(parser.value()?.string()?),
             Long("timeout") => timeout = parser.value()?.parse()?,
+            Long("count") => count = parser.value()?.parse()?,
+            Long("seconds") => seconds = Some(parser.value()?.parse()?),
             _ => return Err(arg.unexpected()),
         }
     }
-    logging::init(&std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()));
+    // A swarm's thousand clients would drown the console at info.
+    let default_log = if command == "swarm" { "warn" } else { "info" };
+    logging::init(&std::env::var("SHOAL_LOG").unwrap_or_else(|_| default_log.into()));
     let ctx = Context {
         root: root.clone(),
         modules_dir,
@@ -136,6 +153,21 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
             }
             let state = agent::run(&ctx, &settings);
             log::info!("{}", state.ready_line());
+            match ClientConfig::from_settings(&settings, state.inventory.clone()) {
+                Ok(None) => {}
+                Ok(Some(cfg)) => {
+                    // Returns only if the power hook does (it exits).
+                    control::run(cfg, LocalHooks { root, pid1: false });
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => {
+                    log::error!("{e}; not connecting to the controller");
+                    if let Some(r) = state.renewer {
+                        r.stop();
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let ok = state.lease.is_some() || settings.net == net::NetMode::Off;
             if let Some(r) = state.renewer {
                 r.stop();
@@ -145,6 +177,12 @@ fn cli() -> Result<ExitCode, lexopt::Error> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        "swarm" => {
+            let cmdline = cmdline.ok_or("swarm needs --cmdline \"shoal.controller=... shoal.controller_key=... shoal.enrol_key=...\"")?;
+            return Ok(ExitCode::from(control::swarm::run(
+                count, &cmdline, seconds,
+            )));
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

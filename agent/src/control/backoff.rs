@@ -94,12 +94,18 @@ mod tests {
             let mut first_four = Duration::ZERO;
             for (i, base) in bases.iter().enumerate() {
                 let w = b.next(&mut rng).as_secs_f64();
-                assert!(w >= base * 0.75 - 1e-9 && w <= base * 1.25 + 1e-9, "seed {seed} wait {i}: {w}");
+                assert!(
+                    w >= base * 0.75 - 1e-9 && w <= base * 1.25 + 1e-9,
+                    "seed {seed} wait {i}: {w}"
+                );
                 if i < 4 {
                     first_four += Duration::from_secs_f64(w);
                 }
             }
-            assert!(first_four <= Duration::from_millis(9375), "back within 10 s: {first_four:?}");
+            assert!(
+                first_four <= Duration::from_millis(9375),
+                "back within 10 s: {first_four:?}"
+            );
             b.reset();
             let w = b.next(&mut rng);
             assert!(w >= Duration::from_millis(375) && w <= Duration::from_millis(625));
@@ -112,8 +118,14 @@ mod tests {
         let d = Duration::from_secs(1);
         let waits: Vec<Duration> = (0..2000).map(|_| rng.jitter(d, 80, 120)).collect();
         let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
-        assert!(*min >= Duration::from_millis(800) && *min < Duration::from_millis(820), "{min:?}");
-        assert!(*max <= Duration::from_millis(1200) && *max > Duration::from_millis(1180), "{max:?}");
+        assert!(
+            *min >= Duration::from_millis(800) && *min < Duration::from_millis(820),
+            "{min:?}"
+        );
+        assert!(
+            *max <= Duration::from_millis(1200) && *max > Duration::from_millis(1180),
+            "{max:?}"
+        );
     }
 
     #[test]

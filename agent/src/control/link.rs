@@ -153,10 +153,12 @@ pub(crate) fn seal_frame(
     msg: &AgentMsg,
 ) -> Result<Vec<u8>, ControlError> {
     let plain = control::encode(msg).map_err(|source| ControlError::Encode { source })?;
-    let sealed = transport.seal(&plain).map_err(|source| ControlError::Seal {
-        addr: addr.to_owned(),
-        source,
-    })?;
+    let sealed = transport
+        .seal(&plain)
+        .map_err(|source| ControlError::Seal {
+            addr: addr.to_owned(),
+            source,
+        })?;
     // A sealed message is at most MAX_MESSAGE + 16 = MAX_FRAME bytes.
     frame::to_vec(&sealed).map_err(|source| ControlError::Frame {
         addr: addr.to_owned(),
@@ -176,7 +178,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(who: String, hooks: Box<dyn Hooks>, stats: Arc<Stats>, inventory: Inventory) -> Shared {
+    pub fn new(
+        who: String,
+        hooks: Box<dyn Hooks>,
+        stats: Arc<Stats>,
+        inventory: Inventory,
+    ) -> Shared {
         let state = State {
             who: who.clone(),
             conn: None,

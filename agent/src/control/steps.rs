@@ -30,14 +30,23 @@ const SLICE: Duration = Duration::from_millis(50);
 pub(crate) fn handle(shared: &Arc<Shared>, st: &mut State, msg: ControllerMsg) {
     let who = &shared.who;
     match msg {
-        ControllerMsg::Welcome { .. } => debug!("{who}a second Welcome from the controller; ignored"),
-        ControllerMsg::Offer { step, work, timeout_ms } => offer(shared, st, step, work, timeout_ms),
+        ControllerMsg::Welcome { .. } => {
+            debug!("{who}a second Welcome from the controller; ignored")
+        }
+        ControllerMsg::Offer {
+            step,
+            work,
+            timeout_ms,
+        } => offer(shared, st, step, work, timeout_ms),
         ControllerMsg::Cancel { step } => match &st.running {
             Some(r) if r.step == step => {
                 info!("{who}{}: cancel requested", name(step));
                 r.cancel.store(true, Ordering::SeqCst);
             }
-            _ => debug!("{who}{}: cancel for a step that is not running; ignored", name(step)),
+            _ => debug!(
+                "{who}{}: cancel for a step that is not running; ignored",
+                name(step)
+            ),
         },
         ControllerMsg::Error { text } => warn!("{who}controller says: {}", clip(&text)),
     }
@@ -51,7 +60,10 @@ pub(crate) fn name(step: StepRef) -> String {
 fn offer(shared: &Arc<Shared>, st: &mut State, step: StepRef, work: Step, timeout_ms: u32) {
     let who = &shared.who;
     if let Some((action, _)) = st.stop {
-        info!("{who}{} offered while about to {action}; ignored", name(step));
+        info!(
+            "{who}{} offered while about to {action}; ignored",
+            name(step)
+        );
         return;
     }
     if let Some(running) = st.running_step() {
@@ -59,8 +71,15 @@ fn offer(shared: &Arc<Shared>, st: &mut State, step: StepRef, work: Step, timeou
             debug!("{who}{} offered again while it runs: started", name(step));
             let _ = st.send(&AgentMsg::Started { step });
         } else {
-            info!("{who}{} offered while {} runs: busy", name(step), name(running));
-            let _ = st.send(&AgentMsg::Busy { offered: step, running });
+            info!(
+                "{who}{} offered while {} runs: busy",
+                name(step),
+                name(running)
+            );
+            let _ = st.send(&AgentMsg::Busy {
+                offered: step,
+                running,
+            });
         }
         return;
     }
@@ -86,7 +105,13 @@ fn offer(shared: &Arc<Shared>, st: &mut State, step: StepRef, work: Step, timeou
 }
 
 /// Runs one step on its worker thread and reports how it ended.
-fn work_step(shared: &Shared, step: StepRef, work: Step, timeout: Option<Duration>, cancel: &AtomicBool) {
+fn work_step(
+    shared: &Shared,
+    step: StepRef,
+    work: Step,
+    timeout: Option<Duration>,
+    cancel: &AtomicBool,
+) {
     let who = &shared.who;
     let kind = work.kind();
     let line = format!("running {kind} for {}", name(step));
@@ -103,11 +128,19 @@ fn work_step(shared: &Shared, step: StepRef, work: Step, timeout: Option<Duratio
             shared.lock().inventory = inv.clone();
             (succeeded(summary(&inv), Some(inv)), None)
         }
-        Step::Poweroff => (succeeded("powering off".into(), None), Some(PowerAction::Poweroff)),
-        Step::Reboot => (succeeded("rebooting".into(), None), Some(PowerAction::Reboot)),
+        Step::Poweroff => (
+            succeeded("powering off".into(), None),
+            Some(PowerAction::Poweroff),
+        ),
+        Step::Reboot => (
+            succeeded("rebooting".into(), None),
+            Some(PowerAction::Reboot),
+        ),
     };
     match &outcome {
-        Outcome::Succeeded { output, .. } => info!("{who}{} ({kind}) succeeded: {output}", name(step)),
+        Outcome::Succeeded { output, .. } => {
+            info!("{who}{} ({kind}) succeeded: {output}", name(step))
+        }
         Outcome::Failed { reason } => warn!("{who}{} ({kind}) failed: {reason}", name(step)),
         Outcome::Cancelled => info!("{who}{} ({kind}) cancelled", name(step)),
     }
@@ -146,15 +179,28 @@ fn finish(shared: &Shared, step: StepRef, outcome: Outcome, power: Option<PowerA
 
 /// Sleeps `secs` in slices, reporting progress each second; stops early on
 /// cancel or at the offer's timeout.
-fn wait(shared: &Shared, step: StepRef, secs: u32, timeout: Option<Duration>, cancel: &AtomicBool) -> Outcome {
+fn wait(
+    shared: &Shared,
+    step: StepRef,
+    secs: u32,
+    timeout: Option<Duration>,
+    cancel: &AtomicBool,
+) -> Outcome {
     let total = Duration::from_secs(secs.into());
     let start = Instant::now();
     let mut reported = None;
     loop {
         let elapsed = start.elapsed();
         if cancel.load(Ordering::SeqCst) {
-            let text = format!("cancelled wait for {} after {} s", name(step), elapsed.as_secs());
-            let _ = shared.send(&AgentMsg::Log { level: Level::Info, text });
+            let text = format!(
+                "cancelled wait for {} after {} s",
+                name(step),
+                elapsed.as_secs()
+            );
+            let _ = shared.send(&AgentMsg::Log {
+                level: Level::Info,
+                text,
+            });
             return Outcome::Cancelled;
         }
         if elapsed >= total {
@@ -162,7 +208,10 @@ fn wait(shared: &Shared, step: StepRef, secs: u32, timeout: Option<Duration>, ca
         }
         if let Some(t) = timeout.filter(|t| elapsed >= *t) {
             return Outcome::Failed {
-                reason: format!("timed out after {:.1} s (the offer's timeout)", t.as_secs_f64()),
+                reason: format!(
+                    "timed out after {:.1} s (the offer's timeout)",
+                    t.as_secs_f64()
+                ),
             };
         }
         let done = elapsed.as_secs();
@@ -181,7 +230,10 @@ fn wait(shared: &Shared, step: StepRef, secs: u32, timeout: Option<Duration>, ca
 
 /// `4 CPUs, 2.0 GiB memory, 2 NICs, 1 disks`.
 fn summary(inv: &Inventory) -> String {
-    let mem = inv.memory_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into());
+    let mem = inv
+        .memory_bytes
+        .map(human_bytes)
+        .unwrap_or_else(|| "unknown".into());
     format!(
         "{} CPUs, {mem} memory, {} NICs, {} disks",
         inv.cpus.count,
@@ -207,7 +259,9 @@ mod tests {
 
     impl Write for ChanWire {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.send(buf.to_vec()).map_err(|_| io::ErrorKind::BrokenPipe)?;
+            self.0
+                .send(buf.to_vec())
+                .map_err(|_| io::ErrorKind::BrokenPipe)?;
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -244,7 +298,10 @@ mod tests {
                 if let Some(f) = self.dec.next_frame().unwrap() {
                     return decode(&self.transport.open(&f).unwrap()).unwrap();
                 }
-                let bytes = self.rx.recv_timeout(Duration::from_secs(5)).expect("a message from the agent");
+                let bytes = self
+                    .rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("a message from the agent");
                 self.dec.push(&bytes);
             }
         }
@@ -261,7 +318,11 @@ mod tests {
     }
 
     fn connect(shared: &Shared) -> Controller {
-        let (agent, ctl, psk) = (Keypair::generate().unwrap(), Keypair::generate().unwrap(), [5u8; 32]);
+        let (agent, ctl, psk) = (
+            Keypair::generate().unwrap(),
+            Keypair::generate().unwrap(),
+            [5u8; 32],
+        );
         let (init, m1) = Initiator::start(&agent, &ctl.public, &psk).unwrap();
         let (transport, m2) = respond(&ctl, &psk, &m1).unwrap();
         let (tx, rx) = channel();
@@ -295,7 +356,14 @@ mod tests {
     }
 
     fn offer(shared: &Arc<Shared>, step: StepRef, work: Step, timeout_ms: u32) {
-        deliver(shared, ControllerMsg::Offer { step, work, timeout_ms });
+        deliver(
+            shared,
+            ControllerMsg::Offer {
+                step,
+                work,
+                timeout_ms,
+            },
+        );
     }
 
     const S1: StepRef = StepRef { job: 1, step: 0 };
@@ -304,7 +372,14 @@ mod tests {
     #[test]
     fn echo_runs_and_logs() {
         let (sh, mut ctl) = agent();
-        offer(&sh, S1, Step::Echo { text: "hi there".into() }, 0);
+        offer(
+            &sh,
+            S1,
+            Step::Echo {
+                text: "hi there".into(),
+            },
+            0,
+        );
         assert_eq!(ctl.next(), AgentMsg::Started { step: S1 });
         assert_eq!(
             ctl.next(),
@@ -329,9 +404,19 @@ mod tests {
         offer(&sh, S1, Step::Wait { secs: 30 }, 0);
         assert_eq!(ctl.next_main(), AgentMsg::Started { step: S1 });
         offer(&sh, S2, Step::Echo { text: "x".into() }, 0);
-        assert_eq!(ctl.next_main(), AgentMsg::Busy { offered: S2, running: S1 });
+        assert_eq!(
+            ctl.next_main(),
+            AgentMsg::Busy {
+                offered: S2,
+                running: S1
+            }
+        );
         offer(&sh, S1, Step::Wait { secs: 30 }, 0);
-        assert_eq!(ctl.next_main(), AgentMsg::Started { step: S1 }, "a re-offer of the running step");
+        assert_eq!(
+            ctl.next_main(),
+            AgentMsg::Started { step: S1 },
+            "a re-offer of the running step"
+        );
         deliver(&sh, ControllerMsg::Cancel { step: S2 });
         deliver(&sh, ControllerMsg::Cancel { step: S1 });
         assert_eq!(
@@ -343,7 +428,10 @@ mod tests {
         );
         offer(&sh, S2, Step::Echo { text: "x".into() }, 0);
         assert_eq!(ctl.next_main(), AgentMsg::Started { step: S2 });
-        assert!(matches!(ctl.next_main(), AgentMsg::Finished { step: S2, .. }));
+        assert!(matches!(
+            ctl.next_main(),
+            AgentMsg::Finished { step: S2, .. }
+        ));
     }
 
     #[test]
@@ -352,7 +440,15 @@ mod tests {
         offer(&sh, S1, Step::Wait { secs: 1 }, 0);
         assert_eq!(ctl.next(), AgentMsg::Started { step: S1 });
         assert!(matches!(ctl.next(), AgentMsg::Log { .. }));
-        assert!(matches!(ctl.next(), AgentMsg::Progress { step: S1, done: 0, total: 1, .. }));
+        assert!(matches!(
+            ctl.next(),
+            AgentMsg::Progress {
+                step: S1,
+                done: 0,
+                total: 1,
+                ..
+            }
+        ));
         assert_eq!(
             ctl.next(),
             AgentMsg::Finished {
@@ -385,7 +481,11 @@ mod tests {
         assert_eq!(ctl.next_main(), AgentMsg::Started { step: S1 });
         match ctl.next_main() {
             AgentMsg::Finished {
-                outcome: Outcome::Succeeded { output, inventory: Some(inv) },
+                outcome:
+                    Outcome::Succeeded {
+                        output,
+                        inventory: Some(inv),
+                    },
                 ..
             } => {
                 assert_eq!(output, "3 CPUs, 1.0 GiB memory, 0 NICs, 0 disks");
@@ -393,7 +493,11 @@ mod tests {
             }
             m => panic!("{m:?}"),
         }
-        assert_eq!(sh.lock().inventory.cpus.count, 3, "the next Hello carries it");
+        assert_eq!(
+            sh.lock().inventory.cpus.count,
+            3,
+            "the next Hello carries it"
+        );
     }
 
     #[test]
@@ -434,6 +538,9 @@ mod tests {
         );
         assert_eq!(sh.lock().stop.map(|s| s.0), Some(PowerAction::Poweroff));
         offer(&sh, S2, Step::Echo { text: "x".into() }, 0);
-        assert!(ctl.rx.recv_timeout(Duration::from_millis(100)).is_err(), "no more steps");
+        assert!(
+            ctl.rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "no more steps"
+        );
     }
 }
