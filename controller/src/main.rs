@@ -1,11 +1,140 @@
-//! The Controller daemon. Its work (device records, image store, image
-//! distribution, jobs, admin API) lands with the Controller issue; for now
-//! it only says so, so that the workspace layout is the one we keep.
+//! `shoal-controller`: the Controller daemon.
+//!
+//! - `serve --state DIR --listen ADDR:PORT [--admin ADDR:PORT]
+//!   [--enrolment auto|known-only] [--heartbeat-ms N] [--timeout-ms N]`
+//!   runs the agent listener and the admin API until SIGINT or SIGTERM.
+//! - `keys --state DIR [--listen HOST:PORT]` prints the public key and the
+//!   agent kernel command line, creating the state directory if missing.
+//!
+//! The work is in the library (`lib.rs`); this file parses arguments.
 
-fn main() {
-    eprintln!(
-        "shoal-controller {}: not built yet (see the Controller issue)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shoal_controller::model::EnrolmentPolicy;
+use shoal_controller::state::State;
+use shoal_controller::{error_chain, logging, Config, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal-controller",
+    version,
+    about = "Shoal's Controller: devices, jobs, the agents' control channel and the admin API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Controller.
+    Serve(ServeArgs),
+    /// Print the public key and the agent kernel command line.
+    Keys {
+        /// State directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The address agents reach the Controller at.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// State directory: keys, enrolment secret, admin token, database.
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// Where agents connect (port 0: any free port, logged).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = socket_addr)]
+    listen: SocketAddr,
+    /// The admin API (keep it on loopback).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = socket_addr, default_value = "127.0.0.1:7100")]
+    admin: SocketAddr,
+    /// New devices: approved at once, or pending until approved.
+    #[arg(long, value_enum, default_value = "auto")]
+    enrolment: Enrolment,
+    /// Heartbeat period asked of agents.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Silence after which a device is offline.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Enrolment {
+    Auto,
+    KnownOnly,
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s}: no address"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let result = match cli.cmd {
+        Command::Keys { state, listen } => keys(&state, listen.as_deref()),
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-controller: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keys(dir: &std::path::Path, listen: Option<&str>) -> Result<(), String> {
+    let state = State::open_or_create(dir).map_err(|e| error_chain(&e))?;
+    let controller = listen.unwrap_or("HOST:PORT");
+    if controller.starts_with("0.0.0.0:") || controller.starts_with("[::]:") {
+        eprintln!("shoal-controller: warning: agents cannot connect to {controller}; pass --listen with an address they can reach");
+    }
+    println!("controller public key: {}", state.public_hex());
+    println!("{}", state.kernel_cmdline(controller));
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = Config {
+        state_dir: args.state,
+        listen: args.listen,
+        admin: args.admin,
+        enrolment: match args.enrolment {
+            Enrolment::Auto => EnrolmentPolicy::Auto,
+            Enrolment::KnownOnly => EnrolmentPolicy::KnownOnly,
+        },
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async move {
+        let mut server = Server::start(config).await.map_err(|e| error_chain(&e))?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        tokio::select! {
+            _ = server.wait() => return Err("the agent listener stopped".to_owned()),
+            _ = tokio::signal::ctrl_c() => log::info!("shutting down (SIGINT)"),
+            _ = term.recv() => log::info!("shutting down (SIGTERM)"),
+        }
+        Ok(())
+    })?;
+    // Sessions end with the runtime; the next start marks devices offline
+    // and fails what was running.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }

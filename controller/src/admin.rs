@@ -1,0 +1,334 @@
+//! The admin API: HTTP + JSON on a loopback address, every endpoint but
+//! `GET /v1/health` behind `Authorization: Bearer <admin.token>`.
+//!
+//! | method | path | does |
+//! | --- | --- | --- |
+//! | GET | `/v1/health` | `{"status":"ok","version":..,"public_key":..}`, no token |
+//! | GET | `/v1/devices` | every device (no inventory) |
+//! | GET | `/v1/devices/{device}` | one device with its inventory |
+//! | DELETE | `/v1/devices/{device}` | forget it (open steps end, connection closes) |
+//! | POST | `/v1/devices/{device}/approve` | approve a pending device |
+//! | GET | `/v1/jobs?limit=N` | newest jobs first, with step counts |
+//! | POST | `/v1/jobs` | create: `{"devices":[..],"steps":[..],"created_by":".."}` → 201 |
+//! | GET | `/v1/jobs/{id}` | a job with one result per device × step |
+//! | POST | `/v1/jobs/{id}/cancel` | cancel its queued steps, stop its running ones |
+//! | GET | `/v1/logs?device=D&limit=N` | agents' log lines, oldest first |
+//!
+//! `{device}` is an id, an SMBIOS UUID or a MAC. Errors are
+//! `{"error": "..."}` with 400, 401, 404 or 500.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use log::{error, info};
+use serde::Deserialize;
+
+use crate::api::{Cancelled, Device, ErrorBody, Health, Job, LogEntry, NewJob};
+use crate::db::DbError;
+use crate::error_chain;
+use crate::jobs::{validate_steps, JobError};
+use crate::registry::Cmd;
+use crate::server::Shared;
+use crate::time::now_ms;
+
+/// Jobs listed unless `?limit=` says otherwise.
+pub const DEFAULT_LIST: u32 = 100;
+/// Longest `created_by`.
+const MAX_NAME: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing admin token (send Authorization: Bearer TOKEN)")]
+    NoToken,
+    #[error("bad admin token")]
+    BadToken,
+    #[error("no device matches {0:?}")]
+    NoDevice(String),
+    #[error("no job {0:?}")]
+    NoJob(String),
+    #[error("no devices to run the job on (\"all\" means every approved device)")]
+    NoTargets,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("database error")]
+    Db(#[from] DbError),
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NoToken | ApiError::BadToken => StatusCode::UNAUTHORIZED,
+            ApiError::NoDevice(_) | ApiError::NoJob(_) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::NoTargets | ApiError::BadRequest(_) | ApiError::Job(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let text = error_chain(&self);
+        if let ApiError::Db(_) = self {
+            error!("admin API: {text}");
+        }
+        (self.status(), Json(ErrorBody { error: text })).into_response()
+    }
+}
+
+type Shd = State<Arc<Shared>>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/v1/devices", get(list_devices))
+        .route(
+            "/v1/devices/{device}",
+            get(show_device).delete(forget_device),
+        )
+        .route("/v1/devices/{device}/approve", post(approve_device))
+        .route("/v1/jobs", get(list_jobs).post(create_job))
+        .route("/v1/jobs/{job}", get(show_job))
+        .route("/v1/jobs/{job}/cancel", post(cancel_job))
+        .route("/v1/logs", get(logs))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+/// Compares without an early exit, so the time taken says nothing about
+/// how much of the token was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(s): Shd, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        None => ApiError::NoToken.into_response(),
+        Some(t) if !same(t.as_bytes(), s.admin_token.as_bytes()) => {
+            ApiError::BadToken.into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+async fn health(State(s): Shd) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        public_key: shoal_protocol::channel::to_hex(&s.keypair.public),
+    })
+}
+
+async fn list_devices(State(s): Shd) -> Result<Json<Vec<Device>>, ApiError> {
+    Ok(Json(s.store.call(|db| db.devices()).await?))
+}
+
+/// The device `sel` names, with its record.
+async fn resolve(s: &Shared, sel: String) -> Result<Device, ApiError> {
+    let sel2 = sel.clone();
+    let found = s
+        .store
+        .call(move |db| match db.find_device(&sel2)? {
+            Some(id) => db.device(id),
+            None => Ok(None),
+        })
+        .await?;
+    found.ok_or(ApiError::NoDevice(sel))
+}
+
+async fn show_device(State(s): Shd, Path(sel): Path<String>) -> Result<Json<Device>, ApiError> {
+    Ok(Json(resolve(&s, sel).await?))
+}
+
+async fn forget_device(State(s): Shd, Path(sel): Path<String>) -> Result<Json<Device>, ApiError> {
+    let dev = resolve(&s, sel.clone()).await?;
+    let id = dev.id;
+    if !s.store.call(move |db| db.forget(id, now_ms())).await? {
+        return Err(ApiError::NoDevice(sel));
+    }
+    info!("admin: device {id} forgotten");
+    s.registry
+        .send(id, Cmd::Close("device forgotten".into()))
+        .await;
+    Ok(Json(dev))
+}
+
+async fn approve_device(State(s): Shd, Path(sel): Path<String>) -> Result<Json<Device>, ApiError> {
+    let id = resolve(&s, sel.clone()).await?.id;
+    let dev = s
+        .store
+        .call(move |db| {
+            db.approve(id)?;
+            db.device(id)
+        })
+        .await?
+        .ok_or(ApiError::NoDevice(sel))?;
+    info!("admin: device {id} approved");
+    s.registry.send(id, Cmd::Approved).await;
+    Ok(Json(dev))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    device: Option<String>,
+}
+
+fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+async fn list_jobs(
+    State(s): Shd,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Job>>, ApiError> {
+    let limit = query(q)?.limit.unwrap_or(DEFAULT_LIST);
+    Ok(Json(s.store.call(move |db| db.jobs(limit)).await?))
+}
+
+async fn create_job(
+    State(s): Shd,
+    body: Result<Json<NewJob>, JsonRejection>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    let Json(new) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    validate_steps(&new.steps)?;
+    if new.devices.is_empty() {
+        return Err(ApiError::NoTargets);
+    }
+    let by: String = new
+        .created_by
+        .as_deref()
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .unwrap_or("admin")
+        .chars()
+        .take(MAX_NAME)
+        .collect();
+    let steps = new.steps;
+    let selectors = new.devices;
+    let by2 = by.clone();
+    let created = s
+        .store
+        .call(move |db| {
+            let mut ids: Vec<i64> = Vec::new();
+            for sel in &selectors {
+                let found = if sel.trim() == "all" {
+                    db.approved_devices()?
+                } else {
+                    match db.find_device(sel)? {
+                        Some(id) => vec![id],
+                        None => return Ok(Err(ApiError::NoDevice(sel.clone()))),
+                    }
+                };
+                for id in found {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+            if ids.is_empty() {
+                return Ok(Err(ApiError::NoTargets));
+            }
+            let job = db.create_job(&by2, &steps, &ids, now_ms())?;
+            Ok(Ok((job, db.job(job as i64)?)))
+        })
+        .await??;
+    let (id, job) = created;
+    let job = job.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
+    let on = match job.devices.len() {
+        n if n > 10 => format!("{n} devices"),
+        _ => format!("devices {:?}", job.devices),
+    };
+    info!(
+        "admin: job {id} created by {by}: {} steps on {on}",
+        job.steps.len()
+    );
+    for &d in &job.devices {
+        s.registry.send(d, Cmd::Kick).await;
+    }
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+fn job_id(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::NoJob(text.to_owned()))
+}
+
+async fn show_job(State(s): Shd, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    let n = job_id(&id)?;
+    s.store
+        .call(move |db| db.job(n))
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NoJob(id))
+}
+
+async fn cancel_job(State(s): Shd, Path(id): Path<String>) -> Result<Json<Cancelled>, ApiError> {
+    let n = job_id(&id)?;
+    let out = s
+        .store
+        .call(move |db| {
+            let Some(done) = db.cancel_job(n, "cancelled by admin", now_ms())? else {
+                return Ok(None);
+            };
+            Ok(Some((done, db.job_devices(n)?)))
+        })
+        .await?;
+    let Some((crate::db::JobCancel { cancelled, running }, devices)) = out else {
+        return Err(ApiError::NoJob(id));
+    };
+    info!(
+        "admin: job {n} cancelled: {cancelled} queued steps cancelled, {} running asked to stop",
+        running.len()
+    );
+    for d in devices {
+        s.registry.send(d, Cmd::CancelJob(n)).await;
+    }
+    Ok(Json(Cancelled {
+        job: n as u64,
+        cancelled,
+        stopping: running.len() as u32,
+    }))
+}
+
+async fn logs(
+    State(s): Shd,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<LogEntry>>, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIST);
+    let device = match q.device {
+        Some(sel) => Some(resolve(&s, sel).await?.id),
+        None => None,
+    };
+    Ok(Json(s.store.call(move |db| db.logs(device, limit)).await?))
+}

@@ -1,0 +1,280 @@
+//! The job model: a job is an ordered list of steps run on one or many
+//! devices. Per device the steps run one at a time, in order; a step that
+//! fails (or is cancelled) cancels the rest of that device's steps in the
+//! job. A job's state follows from its steps' states ([`job_state`]).
+//!
+//! Steps are written as JSON in the admin API
+//! (`{"kind":"echo","text":"hi"}`, `{"kind":"wait","secs":5}`,
+//! `{"kind":"inventory"}`, `{"kind":"reboot"}`, `{"kind":"poweroff"}`, each
+//! with an optional `"timeout_secs"`) and as `echo:TEXT`, `wait:SECS`,
+//! `inventory`, `reboot`, `poweroff` on `shoalctl`'s command line.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_protocol::control::{Step, MAX_TEXT};
+
+use crate::model::{JobState, StepState};
+
+/// Most steps in one job.
+pub const MAX_STEPS: usize = 100;
+/// Longest `wait` step: a week.
+pub const MAX_WAIT_SECS: u32 = 7 * 24 * 3600;
+/// Longest step timeout: 30 days (fits the protocol's `u32` milliseconds).
+pub const MAX_TIMEOUT_SECS: u32 = 30 * 24 * 3600;
+/// Timeout of a step other than `wait` unless the job says otherwise.
+pub const DEFAULT_TIMEOUT_SECS: u32 = 60;
+/// A `wait SECS` step times out after `SECS` plus this.
+pub const WAIT_GRACE_SECS: u32 = 30;
+
+/// The work of one step, as the admin API and the database spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StepKind {
+    Inventory,
+    Wait { secs: u32 },
+    Reboot,
+    Poweroff,
+    Echo { text: String },
+}
+
+/// A step of a job: the work and, optionally, its own timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    #[serde(flatten)]
+    pub work: StepKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("unknown step {0:?}: expected echo:TEXT, inventory, wait:SECS, reboot or poweroff")]
+    UnknownStep(String),
+    #[error("step {0:?}: not a whole number of seconds")]
+    BadSecs(String),
+    #[error("echo step: text of {0} bytes exceeds the limit of {MAX_TEXT}")]
+    TextTooLong(usize),
+    #[error("wait step: {0} s exceeds the limit of {MAX_WAIT_SECS} s")]
+    WaitTooLong(u32),
+    #[error("step timeout of {0} s is outside 1..={MAX_TIMEOUT_SECS} s")]
+    BadTimeout(u32),
+    #[error("a job needs at least one step")]
+    NoSteps,
+    #[error("a job has at most {MAX_STEPS} steps, not {0}")]
+    TooManySteps(usize),
+}
+
+impl StepKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Inventory => "inventory",
+            StepKind::Wait { .. } => "wait",
+            StepKind::Reboot => "reboot",
+            StepKind::Poweroff => "poweroff",
+            StepKind::Echo { .. } => "echo",
+        }
+    }
+}
+
+impl StepSpec {
+    pub fn new(work: StepKind) -> StepSpec {
+        StepSpec {
+            work,
+            timeout_secs: None,
+        }
+    }
+
+    /// Parses `shoalctl`'s form: `echo:TEXT`, `wait:SECS`, `inventory`,
+    /// `reboot`, `poweroff`.
+    pub fn parse_cli(s: &str) -> Result<StepSpec, JobError> {
+        let (kind, arg) = match s.split_once(':') {
+            Some((k, a)) => (k, Some(a)),
+            None => (s, None),
+        };
+        let work = match (kind, arg) {
+            ("echo", Some(text)) => StepKind::Echo { text: text.into() },
+            ("echo", None) => StepKind::Echo {
+                text: String::new(),
+            },
+            ("wait", Some(secs)) => StepKind::Wait {
+                secs: secs
+                    .trim()
+                    .parse()
+                    .map_err(|_| JobError::BadSecs(s.into()))?,
+            },
+            ("inventory", None) => StepKind::Inventory,
+            ("reboot", None) => StepKind::Reboot,
+            ("poweroff", None) => StepKind::Poweroff,
+            _ => return Err(JobError::UnknownStep(s.into())),
+        };
+        let spec = StepSpec::new(work);
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), JobError> {
+        match &self.work {
+            StepKind::Echo { text } if text.len() > MAX_TEXT => {
+                return Err(JobError::TextTooLong(text.len()))
+            }
+            StepKind::Wait { secs } if *secs > MAX_WAIT_SECS => {
+                return Err(JobError::WaitTooLong(*secs))
+            }
+            _ => {}
+        }
+        match self.timeout_secs {
+            Some(t) if t == 0 || t > MAX_TIMEOUT_SECS => Err(JobError::BadTimeout(t)),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long the step may take from its offer: its own timeout, else
+    /// `wait` seconds plus 30 s, else 60 s.
+    pub fn timeout(&self) -> Duration {
+        let secs = self.timeout_secs.unwrap_or(match self.work {
+            StepKind::Wait { secs } => secs.saturating_add(WAIT_GRACE_SECS),
+            _ => DEFAULT_TIMEOUT_SECS,
+        });
+        Duration::from_secs(u64::from(secs))
+    }
+
+    /// The work as the agent is offered it.
+    pub fn to_protocol(&self) -> Step {
+        match &self.work {
+            StepKind::Inventory => Step::Inventory,
+            StepKind::Wait { secs } => Step::Wait { secs: *secs },
+            StepKind::Reboot => Step::Reboot,
+            StepKind::Poweroff => Step::Poweroff,
+            StepKind::Echo { text } => Step::Echo { text: text.clone() },
+        }
+    }
+
+    /// A short description for tables: `echo hello`, `wait 5`.
+    pub fn describe(&self) -> String {
+        match &self.work {
+            StepKind::Wait { secs } => format!("wait {secs}"),
+            StepKind::Echo { text } => format!("echo {text}"),
+            other => other.name().to_owned(),
+        }
+    }
+}
+
+/// Checks a job's steps before it is stored.
+pub fn validate_steps(steps: &[StepSpec]) -> Result<(), JobError> {
+    if steps.is_empty() {
+        return Err(JobError::NoSteps);
+    }
+    if steps.len() > MAX_STEPS {
+        return Err(JobError::TooManySteps(steps.len()));
+    }
+    steps.iter().try_for_each(StepSpec::validate)
+}
+
+/// A job's state from its steps': running while any step runs or some but
+/// not all have finished; queued while none has started; when all are
+/// final, failed if any failed, else cancelled if any was, else succeeded.
+pub fn job_state(states: impl IntoIterator<Item = StepState>) -> JobState {
+    let (mut queued, mut running, mut done, mut failed, mut cancelled) = (0, 0, 0, 0, 0);
+    for s in states {
+        match s {
+            StepState::Queued => queued += 1,
+            StepState::Running => running += 1,
+            StepState::Succeeded => done += 1,
+            StepState::Failed => failed += 1,
+            StepState::Cancelled => cancelled += 1,
+        }
+    }
+    let finished = done + failed + cancelled;
+    if running > 0 || (queued > 0 && finished > 0) {
+        JobState::Running
+    } else if queued > 0 || finished == 0 {
+        JobState::Queued
+    } else if failed > 0 {
+        JobState::Failed
+    } else if cancelled > 0 {
+        JobState::Cancelled
+    } else {
+        JobState::Succeeded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StepState::*;
+
+    #[test]
+    fn cli_steps_parse() {
+        assert_eq!(
+            StepSpec::parse_cli("echo:hello world").unwrap().work,
+            StepKind::Echo {
+                text: "hello world".into()
+            }
+        );
+        assert_eq!(
+            StepSpec::parse_cli("echo:a:b").unwrap().work,
+            StepKind::Echo { text: "a:b".into() }
+        );
+        assert_eq!(
+            StepSpec::parse_cli("wait:5").unwrap().work,
+            StepKind::Wait { secs: 5 }
+        );
+        assert_eq!(
+            StepSpec::parse_cli("inventory").unwrap().work,
+            StepKind::Inventory
+        );
+        assert!(matches!(
+            StepSpec::parse_cli("wait:soon"),
+            Err(JobError::BadSecs(_))
+        ));
+        assert!(matches!(
+            StepSpec::parse_cli("reboot:now"),
+            Err(JobError::UnknownStep(_))
+        ));
+        assert!(matches!(
+            StepSpec::parse_cli("format"),
+            Err(JobError::UnknownStep(_))
+        ));
+        assert!(matches!(
+            StepSpec::parse_cli(&format!("echo:{}", "x".repeat(MAX_TEXT + 1))),
+            Err(JobError::TextTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn json_steps_and_timeouts() {
+        let s: StepSpec = serde_json::from_str(r#"{"kind":"echo","text":"hi"}"#).unwrap();
+        assert_eq!(s.work, StepKind::Echo { text: "hi".into() });
+        assert_eq!(s.timeout(), Duration::from_secs(60));
+        let s: StepSpec = serde_json::from_str(r#"{"kind":"wait","secs":5}"#).unwrap();
+        assert_eq!(s.timeout(), Duration::from_secs(35));
+        let s: StepSpec =
+            serde_json::from_str(r#"{"kind":"wait","secs":5,"timeout_secs":1}"#).unwrap();
+        assert_eq!(s.timeout(), Duration::from_secs(1));
+        assert_eq!(
+            serde_json::to_string(&StepSpec::new(StepKind::Inventory)).unwrap(),
+            r#"{"kind":"inventory"}"#
+        );
+        assert!(serde_json::from_str::<StepSpec>(r#"{"kind":"format"}"#).is_err());
+        assert!(serde_json::from_str::<StepSpec>(r#"{"kind":"wait"}"#).is_err());
+        let bad = StepSpec {
+            work: StepKind::Reboot,
+            timeout_secs: Some(0),
+        };
+        assert_eq!(validate_steps(&[bad]), Err(JobError::BadTimeout(0)));
+        assert_eq!(validate_steps(&[]), Err(JobError::NoSteps));
+    }
+
+    #[test]
+    fn job_state_follows_the_steps() {
+        assert_eq!(job_state([Queued, Queued]), JobState::Queued);
+        assert_eq!(job_state([Running, Queued]), JobState::Running);
+        assert_eq!(job_state([Succeeded, Queued]), JobState::Running);
+        assert_eq!(job_state([Succeeded, Succeeded]), JobState::Succeeded);
+        assert_eq!(job_state([Succeeded, Failed, Cancelled]), JobState::Failed);
+        assert_eq!(job_state([Succeeded, Cancelled]), JobState::Cancelled);
+        assert_eq!(job_state([Failed, Queued]), JobState::Running);
+        assert_eq!(job_state([]), JobState::Queued);
+    }
+}
