@@ -105,3 +105,10 @@ pub fn reap_children() -> Vec<(Pid, String)> {
     }
     out
 }
+
+/// Whether the kernel's random number generator is seeded, so that
+/// `getrandom(2)` will not block (asked without blocking).
+pub fn random_ready() -> bool {
+    let mut b = [0u8; 1];
+    !matches!(rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::NONBLOCK), Err(rustix::io::Errno::AGAIN))
+}

@@ -21,6 +21,8 @@ const LAB: &[&str] = &[
     "virtio_blk",
     "virtio_scsi",
     "sd_mod",
+    // Seeds the kernel's RNG in guests whose CPU has no RDRAND.
+    "virtio_rng",
 ];
 
 const FULL: &[&str] = &[
@@ -30,6 +32,7 @@ const FULL: &[&str] = &[
     "virtio_blk",
     "virtio_scsi",
     "sd_mod",
+    "virtio_rng",
     // NICs.
     "e1000",
     "e1000e",

@@ -160,6 +160,10 @@ impl VmBuilder {
         let mut a: Vec<String> = vec![
             "-accel".into(),
             "tcg".into(),
+            // `max` has RDRAND, which seeds the guest kernel's RNG at once;
+            // the default qemu64 CPU leaves getrandom(2) blocking for minutes.
+            "-cpu".into(),
+            "max".into(),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-no-reboot".into(),

@@ -199,6 +199,9 @@ pub fn run(cfg: ClientConfig, hooks: impl Hooks + 'static) -> PowerAction {
         .as_ref()
         .map(|n| format!("{n}: "))
         .unwrap_or_default();
+    if !crate::sys::random_ready() {
+        warn!("{who}waiting for the kernel's random number generator to be seeded (no RDRAND or virtio-rng on this machine?)");
+    }
     let mut rng = Rng::from_os();
     let boot_id = rng.next_u64();
     let keypair = loop {
