@@ -200,14 +200,15 @@ impl Settings {
             "enrol_key" => self.enrol_key = Some(parse_key(value)?),
             "iface" => self.iface = Some(nonempty(value)?),
             "net" => {
-                self.net =
-                    match value {
-                        "dhcp" => NetMode::Dhcp,
-                        "off" | "none" => NetMode::Off,
-                        _ => return Err(format!(
+                self.net = match value {
+                    "dhcp" => NetMode::Dhcp,
+                    "off" | "none" => NetMode::Off,
+                    _ => {
+                        return Err(format!(
                             "{value:?} is not one of dhcp, off (use ip=... for a static address)"
-                        )),
+                        ))
                     }
+                }
             }
             "dhcp_timeout" => self.dhcp_timeout = parse_secs(value, 1, 600)?,
             "carrier_wait" => self.carrier_wait = parse_secs(value, 0, 600)?,
@@ -274,7 +275,8 @@ fn nonempty(v: &str) -> Result<String, String> {
 }
 
 fn parse_key(v: &str) -> Result<[u8; 32], String> {
-    shoal_protocol::channel::key_from_hex(v).map_err(|_| "is not a 32-byte key as 64 hex digits".to_string())
+    shoal_protocol::channel::key_from_hex(v)
+        .map_err(|_| "is not a 32-byte key as 64 hex digits".to_string())
 }
 
 fn parse_log(v: &str) -> Result<String, String> {

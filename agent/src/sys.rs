@@ -110,5 +110,8 @@ pub fn reap_children() -> Vec<(Pid, String)> {
 /// `getrandom(2)` will not block (asked without blocking).
 pub fn random_ready() -> bool {
     let mut b = [0u8; 1];
-    !matches!(rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::NONBLOCK), Err(rustix::io::Errno::AGAIN))
+    !matches!(
+        rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::NONBLOCK),
+        Err(rustix::io::Errno::AGAIN)
+    )
 }

@@ -12,7 +12,9 @@
 use std::time::{Duration, Instant};
 
 use shoal_protocol::channel::{respond, Initiator, Keypair};
-use shoal_protocol::control::{self, AgentMsg, ControllerMsg, Hello, Identity, Outcome, Step, StepRef};
+use shoal_protocol::control::{
+    self, AgentMsg, ControllerMsg, Hello, Identity, Outcome, Step, StepRef,
+};
 use shoal_protocol::frame;
 use shoal_protocol::inventory::{Disk, Inventory, MacAddr, Nic};
 
@@ -36,8 +38,18 @@ impl Rng {
 
 fn seeds() -> Vec<Vec<u8>> {
     let inv = Inventory {
-        nics: vec![Nic { name: "eth0".into(), mac: MacAddr([2, 0, 0, 0, 0, 1]), ..Nic::default() }],
-        disks: vec![Disk { name: "vda".into(), size_bytes: 1 << 30, logical_sector: 512, physical_sector: 512, ..Disk::default() }],
+        nics: vec![Nic {
+            name: "eth0".into(),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            ..Nic::default()
+        }],
+        disks: vec![Disk {
+            name: "vda".into(),
+            size_bytes: 1 << 30,
+            logical_sector: 512,
+            physical_sector: 512,
+            ..Disk::default()
+        }],
         ..Inventory::default()
     };
     let s = StepRef { job: 7, step: 1 };
@@ -45,19 +57,50 @@ fn seeds() -> Vec<Vec<u8>> {
         AgentMsg::Hello(Hello {
             agent_version: "0.1.0".into(),
             boot_id: 3,
-            identity: Identity { uuid: Some("u".into()), serial: Some("s".into()), macs: vec![MacAddr([2, 0, 0, 0, 0, 1])] },
+            identity: Identity {
+                uuid: Some("u".into()),
+                serial: Some("s".into()),
+                macs: vec![MacAddr([2, 0, 0, 0, 0, 1])],
+            },
             inventory: inv.clone(),
             running: Some(s),
         }),
-        AgentMsg::Heartbeat { seq: 9, running: None },
-        AgentMsg::Finished { step: s, outcome: Outcome::Succeeded { output: "ok".into(), inventory: Some(inv) } },
-        AgentMsg::Progress { step: s, done: 1, total: 2, text: "half".into() },
+        AgentMsg::Heartbeat {
+            seq: 9,
+            running: None,
+        },
+        AgentMsg::Finished {
+            step: s,
+            outcome: Outcome::Succeeded {
+                output: "ok".into(),
+                inventory: Some(inv),
+            },
+        },
+        AgentMsg::Progress {
+            step: s,
+            done: 1,
+            total: 2,
+            text: "half".into(),
+        },
     ];
     let ctl = [
-        ControllerMsg::Offer { step: s, work: Step::Echo { text: "hi".into() }, timeout_ms: 9 },
-        ControllerMsg::Welcome { device: 1, enrolment: control::Enrolment::Pending, heartbeat_ms: 1, timeout_ms: 2 },
+        ControllerMsg::Offer {
+            step: s,
+            work: Step::Echo { text: "hi".into() },
+            timeout_ms: 9,
+        },
+        ControllerMsg::Welcome {
+            device: 1,
+            enrolment: control::Enrolment::Pending,
+            heartbeat_ms: 1,
+            timeout_ms: 2,
+        },
     ];
-    agent.iter().map(|m| control::encode(m).unwrap()).chain(ctl.iter().map(|m| control::encode(m).unwrap())).collect()
+    agent
+        .iter()
+        .map(|m| control::encode(m).unwrap())
+        .chain(ctl.iter().map(|m| control::encode(m).unwrap()))
+        .collect()
 }
 
 fn mutate(rng: &mut Rng, mut v: Vec<u8>) -> Vec<u8> {
@@ -96,14 +139,23 @@ fn main() {
     let mut seed = 0x5ea1_5ea1_u64;
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--seconds" => seconds = args.next().and_then(|s| s.parse().ok()).expect("--seconds N"),
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--seconds N")
+            }
             "--seed" => seed = args.next().and_then(|s| s.parse().ok()).expect("--seed N"),
             other => panic!("unknown argument {other}"),
         }
     }
     let mut rng = Rng(seed | 1);
     let seeds = seeds();
-    let (agent, ctl, psk) = (Keypair::generate().unwrap(), Keypair::generate().unwrap(), [9u8; 32]);
+    let (agent, ctl, psk) = (
+        Keypair::generate().unwrap(),
+        Keypair::generate().unwrap(),
+        [9u8; 32],
+    );
     let (init, m1) = Initiator::start(&agent, &ctl.public, &psk).unwrap();
     let (mut server, m2) = respond(&ctl, &psk, &m1).unwrap();
     let mut client = init.finish(&m2).unwrap();
@@ -161,7 +213,10 @@ fn main() {
         execs += 1;
         if last_report.elapsed() >= Duration::from_secs(30) {
             last_report = Instant::now();
-            eprintln!("fuzz: {execs} executions after {:.0} s", start.elapsed().as_secs_f64());
+            eprintln!(
+                "fuzz: {execs} executions after {:.0} s",
+                start.elapsed().as_secs_f64()
+            );
         }
     }
     let secs = start.elapsed().as_secs_f64();
@@ -169,5 +224,8 @@ fn main() {
         "fuzz: {execs} executions in {secs:.0} s ({:.0}/s), {frames} frames decoded, {decoded} messages accepted, {opened} tampered transport messages accepted, 0 panics",
         execs as f64 / secs
     );
-    assert_eq!(opened, 0, "a mutated transport message passed authentication");
+    assert_eq!(
+        opened, 0,
+        "a mutated transport message passed authentication"
+    );
 }

@@ -29,7 +29,9 @@ pub type Psk = [u8; KEY_LEN];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
-    #[error("handshake failed: the peer has another enrolment secret or pins another controller key")]
+    #[error(
+        "handshake failed: the peer has another enrolment secret or pins another controller key"
+    )]
     Refused,
     #[error("message failed authentication (tampered, replayed, or out of order)")]
     Authentication,
@@ -60,15 +62,24 @@ pub struct Keypair {
 
 impl std::fmt::Debug for Keypair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Keypair {{ public: {}, private: <hidden> }}", to_hex(&self.public))
+        write!(
+            f,
+            "Keypair {{ public: {}, private: <hidden> }}",
+            to_hex(&self.public)
+        )
     }
 }
 
 impl Keypair {
     /// A fresh key pair from the operating system's random source.
     pub fn generate() -> Result<Keypair, ChannelError> {
-        let kp = snow::Builder::new(params()).generate_keypair().map_err(noise)?;
-        Ok(Keypair { private: to_key(&kp.private)?, public: to_key(&kp.public)? })
+        let kp = snow::Builder::new(params())
+            .generate_keypair()
+            .map_err(noise)?;
+        Ok(Keypair {
+            private: to_key(&kp.private)?,
+            public: to_key(&kp.public)?,
+        })
     }
 
     /// Rebuilds a key pair from its private half (the public half is derived).
@@ -89,7 +100,8 @@ impl Keypair {
             .map_err(noise)?;
         let mut m1 = [0u8; 256];
         let n = init.write_message(&[], &mut m1).map_err(noise)?;
-        resp.read_message(&m1[..n], &mut [0u8; 256]).map_err(noise)?;
+        resp.read_message(&m1[..n], &mut [0u8; 256])
+            .map_err(noise)?;
         let public = to_key(resp.get_remote_static().ok_or(ChannelError::Malformed(n))?)?;
         Ok(Keypair { private, public })
     }
@@ -131,7 +143,11 @@ impl std::fmt::Debug for Initiator {
 impl Initiator {
     /// Starts a handshake to the Controller whose key is `controller`;
     /// returns the state and message 1 to send.
-    pub fn start(local: &Keypair, controller: &PublicKey, psk: &Psk) -> Result<(Initiator, Vec<u8>), ChannelError> {
+    pub fn start(
+        local: &Keypair,
+        controller: &PublicKey,
+        psk: &Psk,
+    ) -> Result<(Initiator, Vec<u8>), ChannelError> {
         let mut hs = snow::Builder::new(params())
             .local_private_key(&local.private)
             .and_then(|b| b.remote_public_key(controller))
@@ -148,14 +164,23 @@ impl Initiator {
     /// cannot produce one that passes.
     pub fn finish(mut self, msg2: &[u8]) -> Result<Transport, ChannelError> {
         let mut buf = vec![0u8; 1024];
-        self.hs.read_message(msg2, &mut buf).map_err(|_| ChannelError::Refused)?;
-        Ok(Transport { ts: self.hs.into_transport_mode().map_err(noise)?, remote: None })
+        self.hs
+            .read_message(msg2, &mut buf)
+            .map_err(|_| ChannelError::Refused)?;
+        Ok(Transport {
+            ts: self.hs.into_transport_mode().map_err(noise)?,
+            remote: None,
+        })
     }
 }
 
 /// The Controller's side: reads message 1, returns the transport, message 2,
 /// and the agent's static key.
-pub fn respond(local: &Keypair, psk: &Psk, msg1: &[u8]) -> Result<(Transport, Vec<u8>), ChannelError> {
+pub fn respond(
+    local: &Keypair,
+    psk: &Psk,
+    msg1: &[u8],
+) -> Result<(Transport, Vec<u8>), ChannelError> {
     if msg1.len() < EPHEMERAL_LEN {
         return Err(ChannelError::Malformed(msg1.len()));
     }
@@ -165,12 +190,19 @@ pub fn respond(local: &Keypair, psk: &Psk, msg1: &[u8]) -> Result<(Transport, Ve
         .and_then(|b| b.build_responder())
         .map_err(noise)?;
     let mut payload = vec![0u8; 1024];
-    hs.read_message(msg1, &mut payload).map_err(|_| ChannelError::Refused)?;
+    hs.read_message(msg1, &mut payload)
+        .map_err(|_| ChannelError::Refused)?;
     let remote = hs.get_remote_static().map(to_key).transpose()?;
     let mut buf = vec![0u8; 1024];
     let n = hs.write_message(&[], &mut buf).map_err(noise)?;
     buf.truncate(n);
-    Ok((Transport { ts: hs.into_transport_mode().map_err(noise)?, remote }, buf))
+    Ok((
+        Transport {
+            ts: hs.into_transport_mode().map_err(noise)?,
+            remote,
+        },
+        buf,
+    ))
 }
 
 /// An established channel: seal and open transport messages in order.
@@ -181,7 +213,9 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("remote", &self.remote.map(|k| to_hex(&k))).finish()
+        f.debug_struct("Transport")
+            .field("remote", &self.remote.map(|k| to_hex(&k)))
+            .finish()
     }
 }
 
@@ -195,7 +229,10 @@ impl Transport {
 
     pub fn open(&mut self, ciphertext: &[u8]) -> Result<Vec<u8>, ChannelError> {
         let mut buf = vec![0u8; ciphertext.len()];
-        let n = self.ts.read_message(ciphertext, &mut buf).map_err(|_| ChannelError::Authentication)?;
+        let n = self
+            .ts
+            .read_message(ciphertext, &mut buf)
+            .map_err(|_| ChannelError::Authentication)?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -217,12 +254,19 @@ pub struct ReplayGuard {
 
 impl ReplayGuard {
     pub fn new(capacity: usize) -> Self {
-        ReplayGuard { seen: HashSet::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+        ReplayGuard {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// Records message 1's ephemeral key; `Err(Replayed)` if seen before.
     pub fn check(&mut self, msg1: &[u8]) -> Result<(), ChannelError> {
-        let key: [u8; EPHEMERAL_LEN] = msg1.get(..EPHEMERAL_LEN).and_then(|k| k.try_into().ok()).ok_or(ChannelError::Malformed(msg1.len()))?;
+        let key: [u8; EPHEMERAL_LEN] = msg1
+            .get(..EPHEMERAL_LEN)
+            .and_then(|k| k.try_into().ok())
+            .ok_or(ChannelError::Malformed(msg1.len()))?;
         if !self.seen.insert(key) {
             return Err(ChannelError::Replayed);
         }
@@ -241,7 +285,11 @@ mod tests {
     use super::*;
 
     fn pair() -> (Keypair, Keypair, Psk) {
-        (Keypair::generate().unwrap(), Keypair::generate().unwrap(), [7u8; 32])
+        (
+            Keypair::generate().unwrap(),
+            Keypair::generate().unwrap(),
+            [7u8; 32],
+        )
     }
 
     #[test]
@@ -261,7 +309,10 @@ mod tests {
     fn wrong_secret_is_refused_by_the_controller() {
         let (agent, ctl, psk) = pair();
         let (_, m1) = Initiator::start(&agent, &ctl.public, &[8u8; 32]).unwrap();
-        assert!(matches!(respond(&ctl, &psk, &m1), Err(ChannelError::Refused)));
+        assert!(matches!(
+            respond(&ctl, &psk, &m1),
+            Err(ChannelError::Refused)
+        ));
     }
 
     #[test]
@@ -270,10 +321,16 @@ mod tests {
         let impostor = Keypair::generate().unwrap();
         let (_, m1) = Initiator::start(&agent, &ctl.public, &psk).unwrap();
         // The impostor cannot read a message meant for the real controller.
-        assert!(matches!(respond(&impostor, &psk, &m1), Err(ChannelError::Refused)));
+        assert!(matches!(
+            respond(&impostor, &psk, &m1),
+            Err(ChannelError::Refused)
+        ));
         // And an agent pinning the impostor cannot talk to the real one.
         let (_, m1) = Initiator::start(&agent, &impostor.public, &psk).unwrap();
-        assert!(matches!(respond(&ctl, &psk, &m1), Err(ChannelError::Refused)));
+        assert!(matches!(
+            respond(&ctl, &psk, &m1),
+            Err(ChannelError::Refused)
+        ));
     }
 
     fn session() -> (Transport, Transport) {
@@ -311,7 +368,10 @@ mod tests {
         let mut g = ReplayGuard::new(2);
         g.check(&m1).unwrap();
         assert!(matches!(g.check(&m1), Err(ChannelError::Replayed)));
-        assert!(matches!(g.check(&[0u8; 3]), Err(ChannelError::Malformed(3))));
+        assert!(matches!(
+            g.check(&[0u8; 3]),
+            Err(ChannelError::Malformed(3))
+        ));
         // Bounded: old keys are forgotten.
         g.check(&[1u8; 32]).unwrap();
         g.check(&[2u8; 32]).unwrap();

@@ -61,11 +61,15 @@ pub enum Step {
     /// Take the inventory again and send it.
     Inventory,
     /// Sleep this many seconds (tests, staging).
-    Wait { secs: u32 },
+    Wait {
+        secs: u32,
+    },
     Reboot,
     Poweroff,
     /// Return the text: a test step.
-    Echo { text: String },
+    Echo {
+        text: String,
+    },
 }
 
 impl Step {
@@ -82,8 +86,13 @@ impl Step {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Succeeded { output: String, inventory: Option<Inventory> },
-    Failed { reason: String },
+    Succeeded {
+        output: String,
+        inventory: Option<Inventory>,
+    },
+    Failed {
+        reason: String,
+    },
     Cancelled,
 }
 
@@ -108,24 +117,58 @@ pub enum Enrolment {
 pub enum AgentMsg {
     /// First message after the handshake, and after every reconnect.
     Hello(Hello),
-    Heartbeat { seq: u64, running: Option<StepRef> },
+    Heartbeat {
+        seq: u64,
+        running: Option<StepRef>,
+    },
     /// The offer was taken and the step started.
-    Started { step: StepRef },
-    Progress { step: StepRef, done: u64, total: u64, text: String },
-    Finished { step: StepRef, outcome: Outcome },
+    Started {
+        step: StepRef,
+    },
+    Progress {
+        step: StepRef,
+        done: u64,
+        total: u64,
+        text: String,
+    },
+    Finished {
+        step: StepRef,
+        outcome: Outcome,
+    },
     /// The offer was refused: the agent is running another step.
-    Busy { offered: StepRef, running: StepRef },
-    Log { level: Level, text: String },
-    Error { text: String },
+    Busy {
+        offered: StepRef,
+        running: StepRef,
+    },
+    Log {
+        level: Level,
+        text: String,
+    },
+    Error {
+        text: String,
+    },
 }
 
 /// Controller → Agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerMsg {
-    Welcome { device: u64, enrolment: Enrolment, heartbeat_ms: u32, timeout_ms: u32 },
-    Offer { step: StepRef, work: Step, timeout_ms: u32 },
-    Cancel { step: StepRef },
-    Error { text: String },
+    Welcome {
+        device: u64,
+        enrolment: Enrolment,
+        heartbeat_ms: u32,
+        timeout_ms: u32,
+    },
+    Offer {
+        step: StepRef,
+        work: Step,
+        timeout_ms: u32,
+    },
+    Cancel {
+        step: StepRef,
+    },
+    Error {
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,7 +185,8 @@ pub enum MessageError {
 
 /// Encodes a message with the protocol version in front.
 pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, MessageError> {
-    let bytes = postcard::to_allocvec(&(PROTOCOL_VERSION, msg)).map_err(|e| MessageError::Decode(e.to_string()))?;
+    let bytes = postcard::to_allocvec(&(PROTOCOL_VERSION, msg))
+        .map_err(|e| MessageError::Decode(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE {
         return Err(MessageError::Oversized(bytes.len()));
     }
@@ -154,11 +198,13 @@ pub fn decode<'de, M: Deserialize<'de>>(bytes: &'de [u8]) -> Result<M, MessageEr
     if bytes.len() > MAX_MESSAGE {
         return Err(MessageError::Oversized(bytes.len()));
     }
-    let (version, rest): (u16, _) = postcard::take_from_bytes(bytes).map_err(|e| MessageError::Decode(e.to_string()))?;
+    let (version, rest): (u16, _) =
+        postcard::take_from_bytes(bytes).map_err(|e| MessageError::Decode(e.to_string()))?;
     if version != PROTOCOL_VERSION {
         return Err(MessageError::Version { got: version });
     }
-    let (msg, rest) = postcard::take_from_bytes(rest).map_err(|e| MessageError::Decode(e.to_string()))?;
+    let (msg, rest) =
+        postcard::take_from_bytes(rest).map_err(|e| MessageError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(MessageError::Trailing(rest.len()));
     }
@@ -186,7 +232,11 @@ mod tests {
         AgentMsg::Hello(Hello {
             agent_version: "0.1.0".into(),
             boot_id: 42,
-            identity: Identity { uuid: Some("u".into()), serial: None, macs: vec![MacAddr([2, 0, 0, 0, 0, 1])] },
+            identity: Identity {
+                uuid: Some("u".into()),
+                serial: None,
+                macs: vec![MacAddr([2, 0, 0, 0, 0, 1])],
+            },
             inventory: Inventory::default(),
             running: None,
         })
@@ -196,30 +246,55 @@ mod tests {
     fn messages_round_trip() {
         let msgs = [
             hello(),
-            AgentMsg::Heartbeat { seq: 7, running: Some(StepRef { job: 1, step: 2 }) },
+            AgentMsg::Heartbeat {
+                seq: 7,
+                running: Some(StepRef { job: 1, step: 2 }),
+            },
             AgentMsg::Finished {
                 step: StepRef { job: 1, step: 0 },
-                outcome: Outcome::Succeeded { output: "hi".into(), inventory: None },
+                outcome: Outcome::Succeeded {
+                    output: "hi".into(),
+                    inventory: None,
+                },
             },
         ];
         for m in msgs {
             assert_eq!(decode::<AgentMsg>(&encode(&m).unwrap()).unwrap(), m);
         }
-        let offer = ControllerMsg::Offer { step: StepRef { job: 3, step: 1 }, work: Step::Echo { text: "x".into() }, timeout_ms: 5 };
-        assert_eq!(decode::<ControllerMsg>(&encode(&offer).unwrap()).unwrap(), offer);
+        let offer = ControllerMsg::Offer {
+            step: StepRef { job: 3, step: 1 },
+            work: Step::Echo { text: "x".into() },
+            timeout_ms: 5,
+        };
+        assert_eq!(
+            decode::<ControllerMsg>(&encode(&offer).unwrap()).unwrap(),
+            offer
+        );
     }
 
     #[test]
     fn version_trailing_and_unknown_variants_are_errors() {
         let mut bytes = encode(&hello()).unwrap();
         bytes[0] = 9;
-        assert_eq!(decode::<AgentMsg>(&bytes), Err(MessageError::Version { got: 9 }));
+        assert_eq!(
+            decode::<AgentMsg>(&bytes),
+            Err(MessageError::Version { got: 9 })
+        );
         let mut bytes = encode(&AgentMsg::Error { text: "x".into() }).unwrap();
         bytes.push(0);
         assert_eq!(decode::<AgentMsg>(&bytes), Err(MessageError::Trailing(1)));
-        assert!(matches!(decode::<AgentMsg>(&[1, 99]), Err(MessageError::Decode(_))));
-        assert!(matches!(decode::<AgentMsg>(&[]), Err(MessageError::Decode(_))));
-        let big = AgentMsg::Log { level: Level::Info, text: "x".repeat(MAX_MESSAGE) };
+        assert!(matches!(
+            decode::<AgentMsg>(&[1, 99]),
+            Err(MessageError::Decode(_))
+        ));
+        assert!(matches!(
+            decode::<AgentMsg>(&[]),
+            Err(MessageError::Decode(_))
+        ));
+        let big = AgentMsg::Log {
+            level: Level::Info,
+            text: "x".repeat(MAX_MESSAGE),
+        };
         assert!(matches!(encode(&big), Err(MessageError::Oversized(_))));
     }
 

@@ -126,7 +126,10 @@ mod tests {
         let mut d = Decoder::new();
         d.push(&[0, 0, 0, 0]);
         assert_eq!(d.next_frame(), Err(FrameError::Empty));
-        assert_eq!(encode(&[0; MAX_FRAME + 1], &mut Vec::new()), Err(FrameError::Oversized(MAX_FRAME + 1)));
+        assert_eq!(
+            encode(&[0; MAX_FRAME + 1], &mut Vec::new()),
+            Err(FrameError::Oversized(MAX_FRAME + 1))
+        );
     }
 
     proptest! {
@@ -138,11 +141,8 @@ mod tests {
             let cut = cut.min(data.len());
             for part in [&data[..cut], &data[cut..]] {
                 d.push(part);
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(f)) => prop_assert!(!f.is_empty() && f.len() <= MAX_FRAME),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(f)) = d.next_frame() {
+                    prop_assert!(!f.is_empty() && f.len() <= MAX_FRAME);
                 }
             }
             prop_assert!(d.pending() <= data.len());

@@ -59,13 +59,22 @@ pub struct Session {
 /// Connects and completes the handshake.
 pub fn connect(addr: &str, keys: &Keys) -> Result<Session, String> {
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let local = Keypair::generate().unwrap();
     let (init, msg1) = Initiator::start(&local, &keys.controller, &keys.psk).unwrap();
-    stream.write_all(&frame::to_vec(&msg1).unwrap()).map_err(|e| e.to_string())?;
-    let msg2 = read_frame(&mut stream).ok_or("no handshake message 2: the controller closed the connection")?;
+    stream
+        .write_all(&frame::to_vec(&msg1).unwrap())
+        .map_err(|e| e.to_string())?;
+    let msg2 = read_frame(&mut stream)
+        .ok_or("no handshake message 2: the controller closed the connection")?;
     let transport = init.finish(&msg2).map_err(|e| e.to_string())?;
-    Ok(Session { stream, transport, msg1 })
+    Ok(Session {
+        stream,
+        transport,
+        msg1,
+    })
 }
 
 impl Session {

@@ -32,13 +32,22 @@ impl Proc {
     /// Starts `cmd` with stdout and stderr captured (and echoed to the test's
     /// stderr when `SHOAL_PROC_ECHO` is set).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         let log = Arc::new(Mutex::new(String::new()));
         let echo = std::env::var_os("SHOAL_PROC_ECHO").is_some();
         pump(name.into(), child.stdout.take().unwrap(), log.clone(), echo);
         pump(name.into(), child.stderr.take().unwrap(), log.clone(), echo);
-        Proc { name: name.into(), child, log, pos: 0 }
+        Proc {
+            name: name.into(),
+            child,
+            log,
+            pos: 0,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -63,7 +72,11 @@ impl Proc {
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
         match self.try_expect(needle, timeout) {
             Some(line) => line,
-            None => panic!("[{}] {needle:?} did not appear within {timeout:?}; log:\n{}", self.name, tail(&self.log(), 4000)),
+            None => panic!(
+                "[{}] {needle:?} did not appear within {timeout:?}; log:\n{}",
+                self.name,
+                tail(&self.log(), 4000)
+            ),
         }
     }
 
@@ -98,7 +111,9 @@ impl Proc {
 
     /// SIGTERM (through `kill(1)`; no libc here).
     pub fn terminate(&self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// Waits for the process to exit, at most `timeout`.

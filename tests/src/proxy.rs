@@ -31,13 +31,20 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let tampered = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (s, t, c, up) = (stop.clone(), tampered.clone(), connections.clone(), upstream.to_owned());
+        let (s, t, c, up) = (
+            stop.clone(),
+            tampered.clone(),
+            connections.clone(),
+            upstream.to_owned(),
+        );
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((agent, _)) => {
                         c.fetch_add(1, Ordering::Relaxed);
-                        let Ok(ctl) = TcpStream::connect(&up) else { continue };
+                        let Ok(ctl) = TcpStream::connect(&up) else {
+                            continue;
+                        };
                         agent.set_nonblocking(false).unwrap();
                         let (a2, c2) = (agent.try_clone().unwrap(), ctl.try_clone().unwrap());
                         std::thread::spawn(move || copy(c2, a2));
@@ -48,7 +55,12 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, stop, tampered, connections }
+        Proxy {
+            addr,
+            stop,
+            tampered,
+            connections,
+        }
     }
 }
 
@@ -68,7 +80,12 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn forward_frames(mut agent: TcpStream, mut ctl: TcpStream, tamper: Option<usize>, count: &AtomicUsize) {
+fn forward_frames(
+    mut agent: TcpStream,
+    mut ctl: TcpStream,
+    tamper: Option<usize>,
+    count: &AtomicUsize,
+) {
     let mut dec = frame::Decoder::new();
     let mut buf = [0u8; 16384];
     let mut index = 0;

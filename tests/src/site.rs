@@ -26,7 +26,10 @@ pub fn shoalctl_bin() -> PathBuf {
 
 /// A free TCP port on loopback (in this namespace).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 static SUBNET: AtomicU32 = AtomicU32::new(0);
@@ -51,7 +54,12 @@ impl Lan {
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["addr", "add", &format!("10.88.{subnet}.1/24"), "dev", "br0"]);
         ns.ip(&["link", "set", "br0", "up"]);
-        Lan { ns, subnet, hosts: Vec::new(), taps: 0 }
+        Lan {
+            ns,
+            subnet,
+            hosts: Vec::new(),
+            taps: 0,
+        }
     }
 
     /// `10.88.<subnet>.1`: the bridge, where the Controller listens.
@@ -64,9 +72,27 @@ impl Lan {
     pub fn add_host(&mut self, host: u8) -> usize {
         let ns = Netns::new(&format!("h{host}"));
         let outside = format!("v{host}");
-        self.ns.ip(&["link", "add", &outside, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        self.ns.ip(&["link", "set", &outside, "master", "br0", "up"]);
-        ns.ip(&["addr", "add", &format!("10.88.{}.{host}/24", self.subnet), "dev", "eth0"]);
+        self.ns.ip(&[
+            "link",
+            "add",
+            &outside,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.ns
+            .ip(&["link", "set", &outside, "master", "br0", "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.88.{}.{host}/24", self.subnet),
+            "dev",
+            "eth0",
+        ]);
         ns.ip(&["link", "set", "eth0", "up"]);
         self.hosts.push(ns);
         self.hosts.len() - 1
@@ -103,7 +129,13 @@ pub struct Controller {
 impl Controller {
     /// Starts `shoal-controller serve` (in `ns` if given) and waits until it
     /// listens. `extra` are more `serve` options (`--enrolment known-only`, ...).
-    pub fn start(state: &Path, ns: Option<&Netns>, listen: &str, admin_port: u16, extra: &[&str]) -> Controller {
+    pub fn start(
+        state: &Path,
+        ns: Option<&Netns>,
+        listen: &str,
+        admin_port: u16,
+        extra: &[&str],
+    ) -> Controller {
         let mut c = Controller {
             proc: Proc::spawn("controller", Command::new("true")),
             state: state.to_owned(),
@@ -134,9 +166,17 @@ impl Controller {
         cmd.arg("serve")
             .arg("--state")
             .arg(&self.state)
-            .args(["--listen", &self.listen, "--admin", &format!("127.0.0.1:{}", self.admin_port)])
+            .args([
+                "--listen",
+                &self.listen,
+                "--admin",
+                &format!("127.0.0.1:{}", self.admin_port),
+            ])
             .args(&self.extra)
-            .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()),
+            );
         self.proc = Proc::spawn("controller", cmd);
         self.proc.expect("listening on", Duration::from_secs(30));
     }
@@ -152,7 +192,9 @@ impl Controller {
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
             .find(|l| l.trim_start().starts_with("shoal.controller="))
-            .unwrap_or_else(|| panic!("`shoal-controller keys` printed no agent command line:\n{text}"))
+            .unwrap_or_else(|| {
+                panic!("`shoal-controller keys` printed no agent command line:\n{text}")
+            })
             .trim()
             .to_owned()
     }
@@ -160,7 +202,13 @@ impl Controller {
     /// Runs `shoalctl ARGS` against this Controller's admin API.
     pub fn ctl(&self, args: &[&str]) -> Output {
         let mut cmd = self.command(shoalctl_bin());
-        cmd.args(["--url", &format!("http://127.0.0.1:{}", self.admin_port), "--state"]).arg(&self.state).args(args);
+        cmd.args([
+            "--url",
+            &format!("http://127.0.0.1:{}", self.admin_port),
+            "--state",
+        ])
+        .arg(&self.state)
+        .args(args);
         cmd.output().expect("run shoalctl")
     }
 
@@ -192,7 +240,11 @@ impl FakeMachine {
     pub fn new(index: u32, disk_mib: u64) -> FakeMachine {
         let dir = tempfile::tempdir().expect("temp dir");
         let uuid = format!("5a0b7c1e-0000-4000-8000-{index:012x}");
-        let mac = format!("02:00:00:00:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff);
+        let mac = format!(
+            "02:00:00:00:{:02x}:{:02x}",
+            (index >> 8) & 0xff,
+            index & 0xff
+        );
         let put = |rel: &str, text: &str| {
             let p = dir.path().join(rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -200,13 +252,20 @@ impl FakeMachine {
         };
         put("sys/class/dmi/id/sys_vendor", "Shoal Test\n");
         put("sys/class/dmi/id/product_name", "Fake Machine\n");
-        put("sys/class/dmi/id/product_serial", &format!("FAKE-{index:04}\n"));
+        put(
+            "sys/class/dmi/id/product_serial",
+            &format!("FAKE-{index:04}\n"),
+        );
         put("sys/class/dmi/id/product_uuid", &format!("{uuid}\n"));
         put("proc/meminfo", "MemTotal: 1048576 kB\n");
         put("proc/cpuinfo", "processor\t: 0\nmodel name\t: Fake CPU\n");
         put("sys/class/net/eth0/address", &format!("{mac}\n"));
         std::fs::create_dir_all(dir.path().join("sys/devices/fake/net0")).unwrap();
-        std::os::unix::fs::symlink(dir.path().join("sys/devices/fake/net0"), dir.path().join("sys/class/net/eth0/device")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("sys/devices/fake/net0"),
+            dir.path().join("sys/class/net/eth0/device"),
+        )
+        .unwrap();
         put("sys/block/vda/size", &format!("{}\n", disk_mib * 2048));
         put("sys/block/vda/serial", &format!("fake-disk-{index}\n"));
         FakeMachine { dir, uuid, mac }
@@ -219,7 +278,10 @@ impl FakeMachine {
             Some(ns) => ns.command(agent),
             None => Command::new(agent),
         };
-        cmd.args(["run", "--root"]).arg(self.dir.path()).args(["--cmdline", &format!("shoal.net=off shoal.modules=0 {cmdline}")]);
+        cmd.args(["run", "--root"]).arg(self.dir.path()).args([
+            "--cmdline",
+            &format!("shoal.net=off shoal.modules=0 {cmdline}"),
+        ]);
         Proc::spawn(name, cmd)
     }
 }

@@ -28,7 +28,9 @@ fn three_agents_register_and_run_echo_and_inventory() {
     let mut ctl = Controller::start(state.path(), Some(&lan.ns), &listen, 7100, &[]);
     let cmdline = ctl.agent_cmdline();
 
-    let machines: Vec<FakeMachine> = (1..=3).map(|i| FakeMachine::new(i, 64 * i as u64)).collect();
+    let machines: Vec<FakeMachine> = (1..=3)
+        .map(|i| FakeMachine::new(i, 64 * i as u64))
+        .collect();
     let mut agents = Vec::new();
     for (i, m) in machines.iter().enumerate() {
         let h = lan.add_host(10 + i as u8);
@@ -40,16 +42,40 @@ fn three_agents_register_and_run_echo_and_inventory() {
 
     let list = ctl.ctl_ok(&["--json", "devices", "list"]);
     for m in &machines {
-        assert!(list.contains(&m.uuid), "device {} missing from:\n{list}", m.uuid);
+        assert!(
+            list.contains(&m.uuid),
+            "device {} missing from:\n{list}",
+            m.uuid
+        );
     }
     let show = ctl.ctl_ok(&["--json", "devices", "show", &machines[2].uuid]);
-    assert!(show.contains("fake-disk-3") && show.contains("201326592"), "inventory of machine 3 (192 MiB disk):\n{show}");
+    assert!(
+        show.contains("fake-disk-3") && show.contains("201326592"),
+        "inventory of machine 3 (192 MiB disk):\n{show}"
+    );
 
-    let run = ctl.ctl_ok(&["jobs", "run", "--device", "all", "--wait", "60", "echo:hello from shoal", "inventory"]);
+    let run = ctl.ctl_ok(&[
+        "jobs",
+        "run",
+        "--device",
+        "all",
+        "--wait",
+        "60",
+        "echo:hello from shoal",
+        "inventory",
+    ]);
     let job = job_id(&run);
     let shown = ctl.ctl_ok(&["jobs", "show", &job]);
-    assert_eq!(shown.matches("hello from shoal").count(), 3, "echo output for each device:\n{shown}");
-    assert_eq!(shown.matches("succeeded").count() >= 6, true, "2 steps x 3 devices succeeded:\n{shown}");
+    assert_eq!(
+        shown.matches("hello from shoal").count(),
+        3,
+        "echo output for each device:\n{shown}"
+    );
+    assert!(
+        shown.matches("succeeded").count() >= 6,
+        "2 steps x 3 devices succeeded:
+{shown}"
+    );
     for a in &agents {
         assert!(a.saw("running echo"), "{} log:\n{}", a.name(), a.log());
     }
@@ -57,7 +83,11 @@ fn three_agents_register_and_run_echo_and_inventory() {
     // The results are in the database: a restarted Controller still has them.
     ctl.restart();
     let again = ctl.ctl_ok(&["jobs", "show", &job]);
-    assert_eq!(again.matches("hello from shoal").count(), 3, "after restart:\n{again}");
+    assert_eq!(
+        again.matches("hello from shoal").count(),
+        3,
+        "after restart:\n{again}"
+    );
     let json = ctl.ctl_ok(&["--json", "jobs", "show", &job]);
     assert!(json.contains("succeeded"), "{json}");
     for a in &mut agents {
@@ -69,7 +99,11 @@ fn three_agents_register_and_run_echo_and_inventory() {
 /// that has one).
 pub fn job_id(out: &str) -> String {
     out.lines()
-        .find_map(|l| l.split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).map(str::to_owned))
+        .find_map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| panic!("no job id in:\n{out}"))
 }
 
@@ -89,7 +123,13 @@ fn device_count(ctl: &Controller) -> usize {
 fn replace_word(cmdline: &str, key: &str, value: &str) -> String {
     cmdline
         .split_whitespace()
-        .map(|w| if w.starts_with(key) { format!("{key}{value}") } else { w.to_owned() })
+        .map(|w| {
+            if w.starts_with(key) {
+                format!("{key}{value}")
+            } else {
+                w.to_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -110,7 +150,11 @@ fn wrong_enrolment_secret_is_refused_on_both_sides() {
 fn agent_pinning_another_controller_key_is_refused() {
     let (_state, mut ctl) = loopback_controller(&[]);
     let impostor = shoal_protocol::channel::Keypair::generate().unwrap();
-    let cmdline = replace_word(&ctl.agent_cmdline(), "shoal.controller_key=", &to_hex(&impostor.public));
+    let cmdline = replace_word(
+        &ctl.agent_cmdline(),
+        "shoal.controller_key=",
+        &to_hex(&impostor.public),
+    );
     let m = FakeMachine::new(22, 64);
     let mut agent = m.agent("agent", None, &cmdline);
     agent.expect("refused the handshake", T);
@@ -126,8 +170,13 @@ fn replayed_handshake_is_refused() {
     // Replay the same message 1 on a new connection: refused by name, no message 2.
     let mut s = TcpStream::connect(&ctl.listen).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&shoal_protocol::frame::to_vec(&first.msg1).unwrap()).unwrap();
-    assert_eq!(client::read_frame(&mut s), None, "the replayed handshake got an answer");
+    s.write_all(&shoal_protocol::frame::to_vec(&first.msg1).unwrap())
+        .unwrap();
+    assert_eq!(
+        client::read_frame(&mut s),
+        None,
+        "the replayed handshake got an answer"
+    );
     let line = ctl.proc.expect("replayed handshake", T);
     assert!(line.contains("refused"), "{line}");
     assert_eq!(device_count(&ctl), 0);
@@ -145,7 +194,11 @@ fn tampered_frame_is_refused_and_never_reaches_the_job_engine() {
     agent.expect("reconnect", T);
     assert!(proxy.tampered.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     assert!(!agent.saw("registered with controller"));
-    assert_eq!(device_count(&ctl), 0, "a tampered hello must not create a device");
+    assert_eq!(
+        device_count(&ctl),
+        0,
+        "a tampered hello must not create a device"
+    );
 }
 
 #[test]
@@ -153,7 +206,11 @@ fn controller_restart_agents_reconnect_within_10s_and_devices_persist() {
     let (_state, mut ctl) = loopback_controller(&[]);
     let cmdline = ctl.agent_cmdline();
     let machines: Vec<FakeMachine> = (31..=32).map(|i| FakeMachine::new(i, 64)).collect();
-    let mut agents: Vec<_> = machines.iter().enumerate().map(|(i, m)| m.agent(&format!("agent{i}"), None, &cmdline)).collect();
+    let mut agents: Vec<_> = machines
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.agent(&format!("agent{i}"), None, &cmdline))
+        .collect();
     for a in &mut agents {
         a.expect("registered with controller", T);
     }
@@ -165,8 +222,14 @@ fn controller_restart_agents_reconnect_within_10s_and_devices_persist() {
         a.expect("registered with controller", Duration::from_secs(10));
     }
     let took = restarted.elapsed();
-    assert!(took < Duration::from_secs(12), "agents took {took:?} to come back");
-    eprintln!("agents re-registered {:.1} s after the controller restarted", took.as_secs_f64());
+    assert!(
+        took < Duration::from_secs(12),
+        "agents took {took:?} to come back"
+    );
+    eprintln!(
+        "agents re-registered {:.1} s after the controller restarted",
+        took.as_secs_f64()
+    );
     let list = ctl.ctl_ok(&["--json", "devices", "list"]);
     for m in &machines {
         assert!(list.contains(&m.uuid), "{} lost:\n{list}", m.uuid);
@@ -194,9 +257,18 @@ fn agent_killed_mid_job_fails_the_step_with_a_reason() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let took = killed.elapsed();
-    assert!(shown.contains("disconnected"), "the step failed with a reason:\n{shown}");
-    assert!(took <= Duration::from_secs(5), "marked failed {took:?} after the kill (heartbeat timeout 2 s)");
-    eprintln!("step marked failed {:.2} s after the agent was killed", took.as_secs_f64());
+    assert!(
+        shown.contains("disconnected"),
+        "the step failed with a reason:\n{shown}"
+    );
+    assert!(
+        took <= Duration::from_secs(5),
+        "marked failed {took:?} after the kill (heartbeat timeout 2 s)"
+    );
+    eprintln!(
+        "step marked failed {:.2} s after the agent was killed",
+        took.as_secs_f64()
+    );
 }
 
 #[test]
@@ -231,14 +303,20 @@ fn truncated_oversized_and_random_frames_do_not_hurt_the_controller() {
     }
     // A well-formed handshake followed by garbage inside the channel.
     let mut s = client::connect(&ctl.listen, &keys).unwrap();
-    s.stream.write_all(&shoal_protocol::frame::to_vec(&[0u8; 40]).unwrap()).unwrap();
+    s.stream
+        .write_all(&shoal_protocol::frame::to_vec(&[0u8; 40]).unwrap())
+        .unwrap();
     assert!(s.recv().is_none());
     // And the Controller still serves a good client.
     let mut good = client::connect(&ctl.listen, &keys).unwrap();
     let hello = Hello {
         agent_version: "test".into(),
         boot_id: 1,
-        identity: Identity { uuid: Some("5a0b7c1e-0000-4000-8000-0000000000ff".into()), serial: None, macs: vec![] },
+        identity: Identity {
+            uuid: Some("5a0b7c1e-0000-4000-8000-0000000000ff".into()),
+            serial: None,
+            macs: vec![],
+        },
         inventory: Inventory::default(),
         running: None,
     };
@@ -247,7 +325,10 @@ fn truncated_oversized_and_random_frames_do_not_hurt_the_controller() {
         Some(ControllerMsg::Welcome { .. }) => {}
         other => panic!("expected a welcome, got {other:?}\n{}", ctl.proc.log()),
     }
-    assert!(ctl.proc.wait_exit(Duration::ZERO).is_none(), "the controller died");
+    assert!(
+        ctl.proc.wait_exit(Duration::ZERO).is_none(),
+        "the controller died"
+    );
     assert!(!ctl.proc.saw("panicked"), "{}", ctl.proc.log());
     let _ = ctl.proc.try_expect("oversized", Duration::from_secs(1));
 }

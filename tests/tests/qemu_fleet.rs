@@ -20,34 +20,64 @@ fn qemu_two_agents_register_and_run_echo_then_poweroff() {
     let _dhcp = Dnsmasq::start(
         &lan.ns,
         "br0",
-        &[format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"), format!("--dhcp-option=option:router,{net}.1")],
+        &[
+            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
+            format!("--dhcp-option=option:router,{net}.1"),
+        ],
     );
     let state = tempfile::tempdir().unwrap();
-    let ctl = Controller::start(state.path(), Some(&lan.ns), &format!("{net}.1:7000"), 7100, &[]);
+    let ctl = Controller::start(
+        state.path(),
+        Some(&lan.ns),
+        &format!("{net}.1:7000"),
+        7100,
+        &[],
+    );
     let cmdline = ctl.agent_cmdline();
 
     let mut vms = Vec::new();
     for i in 1..=2u8 {
         let tap = lan.add_tap();
-        let vm = VmBuilder::new(artefact("SHOAL_KERNEL_IMAGE"), artefact("SHOAL_INITRAMFS_LAB"))
-            .name(&format!("vm{i}"))
-            .netns(lan.ns.name())
-            .smbios(&format!("5a0b7c1e-0000-4000-8000-0000000000{i:02x}"), &format!("SHOAL-FLEET-{i}"))
-            .nic(&format!("52:54:00:00:00:{i:02x}"), NetBackend::Tap(tap))
-            .append(&cmdline)
-            .start()
-            .unwrap();
+        let vm = VmBuilder::new(
+            artefact("SHOAL_KERNEL_IMAGE"),
+            artefact("SHOAL_INITRAMFS_LAB"),
+        )
+        .name(&format!("vm{i}"))
+        .netns(lan.ns.name())
+        .smbios(
+            &format!("5a0b7c1e-0000-4000-8000-0000000000{i:02x}"),
+            &format!("SHOAL-FLEET-{i}"),
+        )
+        .nic(&format!("52:54:00:00:00:{i:02x}"), NetBackend::Tap(tap))
+        .append(&cmdline)
+        .start()
+        .unwrap();
         vms.push(vm);
     }
     for vm in &mut vms {
         let lease = vm.console().expect("lease acquired on eth0", BOOT).unwrap();
         assert!(lease.contains(&format!(": {net}.")), "{lease}");
-        vm.console().expect("registered with controller", BOOT).unwrap();
+        vm.console()
+            .expect("registered with controller", BOOT)
+            .unwrap();
     }
     let list = ctl.ctl_ok(&["devices", "list"]);
-    assert!(list.contains("5a0b7c1e-0000-4000-8000-000000000001") && list.contains("5a0b7c1e-0000-4000-8000-000000000002"), "{list}");
+    assert!(
+        list.contains("5a0b7c1e-0000-4000-8000-000000000001")
+            && list.contains("5a0b7c1e-0000-4000-8000-000000000002"),
+        "{list}"
+    );
 
-    let out = ctl.ctl_ok(&["jobs", "run", "--device", "all", "--wait", "120", "echo:hello from the fleet", "poweroff"]);
+    let out = ctl.ctl_ok(&[
+        "jobs",
+        "run",
+        "--device",
+        "all",
+        "--wait",
+        "120",
+        "echo:hello from the fleet",
+        "poweroff",
+    ]);
     eprintln!("{out}");
     for vm in &mut vms {
         vm.console().expect("powering off", BOOT).unwrap();
@@ -56,7 +86,11 @@ fn qemu_two_agents_register_and_run_echo_then_poweroff() {
     }
     let job = out
         .lines()
-        .find_map(|l| l.split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).map(str::to_owned))
+        .find_map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+                .map(str::to_owned)
+        })
         .unwrap();
     let shown = ctl.ctl_ok(&["jobs", "show", &job]);
     assert_eq!(shown.matches("hello from the fleet").count(), 2, "{shown}");

@@ -105,7 +105,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     // Fields after the `)` that ends the command name: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(14) + ticks(15)) / 100.0
 }
 
@@ -134,7 +138,10 @@ fn heartbeats(args: &BenchArgs) -> anyhow::Result<()> {
     let (init, m1) = Initiator::start(&a, &c.public, &psk)?;
     let (_, m2) = respond(&c, &psk, &m1)?;
     let mut t = init.finish(&m2)?;
-    let plain = control::encode(&AgentMsg::Heartbeat { seq: 1_000_000, running: None })?;
+    let plain = control::encode(&AgentMsg::Heartbeat {
+        seq: 1_000_000,
+        running: None,
+    })?;
     let sealed = t.seal(&plain)?;
     let frame = shoal_protocol::frame::HEADER + sealed.len();
     println!("bench heartbeats: one heartbeat is {} bytes of message, {frame} bytes of TCP payload ({} with IPv4+TCP headers and timestamps)", plain.len(), frame + 52);
@@ -142,14 +149,28 @@ fn heartbeats(args: &BenchArgs) -> anyhow::Result<()> {
     for &count in &args.counts {
         let state = tempfile::tempdir()?;
         let listen = format!("127.0.0.1:{}", free_port());
-        let ctl = Controller::start(state.path(), None, &listen, free_port(), &["--heartbeat-ms", "1000", "--timeout-ms", "5000"]);
+        let ctl = Controller::start(
+            state.path(),
+            None,
+            &listen,
+            free_port(),
+            &["--heartbeat-ms", "1000", "--timeout-ms", "5000"],
+        );
         let cmdline = ctl.agent_cmdline();
         let total = args.seconds + 60;
         // (The swarm raises its own open-file limit to the hard limit; the
         // Controller inherits ours.)
         let mut cmd = std::process::Command::new(&agent);
-        cmd.args(["swarm", "--count", &count.to_string(), "--seconds", &total.to_string(), "--cmdline", &cmdline])
-            .env("SHOAL_LOG", "warn");
+        cmd.args([
+            "swarm",
+            "--count",
+            &count.to_string(),
+            "--seconds",
+            &total.to_string(),
+            "--cmdline",
+            &cmdline,
+        ])
+        .env("SHOAL_LOG", "warn");
         let mut swarm = Proc::spawn("swarm", cmd);
         // Wait until every client is registered (bounded), then measure.
         let t0 = std::time::Instant::now();

@@ -47,20 +47,37 @@ pub struct LabArgs {
 /// A sparse disk image of `size` bytes (kept if it already has that size).
 pub fn disk(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path.parent().unwrap())?;
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("create {}", path.display()))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
     f.set_len(size)?;
     Ok(path.to_owned())
 }
 
-fn guest(kernel: &Kernel, initrd: &Path, name: &str, index: u8, args: &LabArgs) -> anyhow::Result<VmBuilder> {
+fn guest(
+    kernel: &Kernel,
+    initrd: &Path,
+    name: &str,
+    index: u8,
+    args: &LabArgs,
+) -> anyhow::Result<VmBuilder> {
     let dir = util::out_dir().join("lab").join(name);
     let d1 = disk(&dir.join("disk1.img"), 64 << 20)?;
     let d2 = disk(&dir.join("disk2.img"), 32 << 20)?;
-    let image = kernel.vmlinux.clone().unwrap_or_else(|| kernel.bzimage.clone());
+    let image = kernel
+        .vmlinux
+        .clone()
+        .unwrap_or_else(|| kernel.bzimage.clone());
     let mut b = VmBuilder::new(&image, initrd)
         .name(name)
         .echo(true)
-        .smbios(&format!("5a0b7c1e-5ea1-4000-8000-0000000000{index:02x}"), &format!("SHOAL-LAB-{index:04}"))
+        .smbios(
+            &format!("5a0b7c1e-5ea1-4000-8000-0000000000{index:02x}"),
+            &format!("SHOAL-LAB-{index:04}"),
+        )
         .disk(&d1, Some(&format!("{name}-disk-1")))
         .disk(&d2, Some(&format!("{name}-disk-2")))
         .append(&args.append);
@@ -74,7 +91,11 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let agent = agent::build()?;
     let kernel = kernel::ensure(&args.kernel)?;
     let initrd = initramfs::build_for(&kernel, &agent, shoal_initramfs::Flavour::Lab, None)?;
-    println!("lab: kernel {}, initramfs {}", kernel.version, initrd.display());
+    println!(
+        "lab: kernel {}, initramfs {}",
+        kernel.version,
+        initrd.display()
+    );
     if args.single {
         return single(args, &kernel, &initrd);
     }
@@ -88,13 +109,22 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let _dhcp = Dnsmasq::start(
         &lan.ns,
         "br0",
-        &[format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"), format!("--dhcp-option=option:router,{net}.1")],
+        &[
+            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
+            format!("--dhcp-option=option:router,{net}.1"),
+        ],
     );
     let state = util::out_dir().join("lab").join("controller");
     let ctl = Controller::start(&state, Some(&lan.ns), &format!("{net}.1:7000"), 7100, &[]);
     let cmdline = ctl.agent_cmdline();
-    println!("lab: bridge br0 {net}.1/24 in namespace {}, dnsmasq serving {net}.50-99", lan.ns.name());
-    println!("lab: controller listening on {net}.1:7000, state in {}", state.display());
+    println!(
+        "lab: bridge br0 {net}.1/24 in namespace {}, dnsmasq serving {net}.50-99",
+        lan.ns.name()
+    );
+    println!(
+        "lab: controller listening on {net}.1:7000, state in {}",
+        state.display()
+    );
     println!("lab: agents boot with: {cmdline}");
 
     let mut vms: Vec<Vm> = Vec::new();
@@ -110,7 +140,10 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     for vm in &mut vms {
         vm.console().expect("registered with controller", timeout)?;
     }
-    println!("\nlab: both agents registered:\n{}", ctl.ctl_ok(&["devices", "list"]));
+    println!(
+        "\nlab: both agents registered:\n{}",
+        ctl.ctl_ok(&["devices", "list"])
+    );
     if args.wait {
         println!("lab: --wait: guests stay up; use `shoalctl --url http://127.0.0.1:7100 --state {}` inside `ip netns exec {}`; Ctrl-C ends the lab", state.display(), lan.ns.name());
         for vm in &mut vms {
@@ -119,22 +152,48 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let out = ctl.ctl(&["jobs", "run", "--device", "all", "--wait", &args.timeout.to_string(), "echo:hello from the Shoal lab", "poweroff"]);
+    let out = ctl.ctl(&[
+        "jobs",
+        "run",
+        "--device",
+        "all",
+        "--wait",
+        &args.timeout.to_string(),
+        "echo:hello from the Shoal lab",
+        "poweroff",
+    ]);
     let run_out = String::from_utf8_lossy(&out.stdout).into_owned();
     for vm in &mut vms {
         vm.wait_exit(timeout)?;
     }
     let job = run_out
         .lines()
-        .find_map(|l| l.split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).map(str::to_owned))
+        .find_map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+                .map(str::to_owned)
+        })
         .context("shoalctl printed no job id")?;
-    println!("\nlab: job {job} (echo, poweroff) took {:.1} s:\n{}", started.elapsed().as_secs_f64(), ctl.ctl_ok(&["jobs", "show", &job]));
-    ensure!(out.status.success(), "the lab job did not succeed: {}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "\nlab: job {job} (echo, poweroff) took {:.1} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        ctl.ctl_ok(&["jobs", "show", &job])
+    );
+    ensure!(
+        out.status.success(),
+        "the lab job did not succeed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (i, vm) in vms.iter_mut().enumerate() {
-        let log = util::out_dir().join("lab").join(format!("agent{}-console.log", i + 1));
+        let log = util::out_dir()
+            .join("lab")
+            .join(format!("agent{}-console.log", i + 1));
         vm.console().save(&log)?;
     }
-    println!("lab: done; consoles saved under {}", util::out_dir().join("lab").display());
+    println!(
+        "lab: done; consoles saved under {}",
+        util::out_dir().join("lab").display()
+    );
     Ok(())
 }
 
@@ -145,11 +204,23 @@ fn single(args: &LabArgs, kernel: &Kernel, initrd: &Path) -> anyhow::Result<()> 
     }
     let started = Instant::now();
     let mut vm = b.start()?;
-    let timeout = if args.wait { Duration::from_secs(365 * 86400) } else { Duration::from_secs(args.timeout) };
+    let timeout = if args.wait {
+        Duration::from_secs(365 * 86400)
+    } else {
+        Duration::from_secs(args.timeout)
+    };
     let status = vm.wait_exit(timeout)?;
     let log = util::out_dir().join("lab").join("single-console.log");
     vm.console().save(&log)?;
-    println!("\nlab: guest stopped after {:.1} s ({status}); console saved to {}", started.elapsed().as_secs_f64(), log.display());
-    ensure!(vm.console().saw("lease acquired on"), "lab: the agent never reported a DHCP lease (see {})", log.display());
+    println!(
+        "\nlab: guest stopped after {:.1} s ({status}); console saved to {}",
+        started.elapsed().as_secs_f64(),
+        log.display()
+    );
+    ensure!(
+        vm.console().saw("lease acquired on"),
+        "lab: the agent never reported a DHCP lease (see {})",
+        log.display()
+    );
     Ok(())
 }

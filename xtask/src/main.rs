@@ -76,7 +76,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             util::run(
                 std::process::Command::new(cargo)
                     .current_dir(util::root())
-                    .args(["run", "--quiet", "--release", "-p", "shoal-protocol", "--example", "fuzz_control", "--"])
+                    .args([
+                        "run",
+                        "--quiet",
+                        "--release",
+                        "-p",
+                        "shoal-protocol",
+                        "--example",
+                        "fuzz_control",
+                        "--",
+                    ])
                     .args(["--seconds", &seconds.to_string()]),
             )?;
         }

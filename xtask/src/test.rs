@@ -11,7 +11,6 @@ use anyhow::Context;
 use crate::kernel::{self, KernelArgs};
 use crate::{agent, initramfs, util};
 
-
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
     #[command(flatten)]
@@ -70,15 +69,29 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
 /// Builds `shoal-controller` and `shoalctl` (debug profile, like the tests).
 pub fn controller_bins() -> anyhow::Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    util::run(Command::new(cargo).current_dir(util::root()).args(["build", "--quiet", "--package", "shoal-controller", "--bins"]))?;
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| util::root().join("target")).join("debug");
+    util::run(Command::new(cargo).current_dir(util::root()).args([
+        "build",
+        "--quiet",
+        "--package",
+        "shoal-controller",
+        "--bins",
+    ]))?;
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::root().join("target"))
+        .join("debug");
     Ok((dir.join("shoal-controller"), dir.join("shoalctl")))
 }
 
 /// The number before `what` in a `test result:` line (`ok. 41 passed; 0 failed; ...`).
 fn count(line: &str, what: &str) -> u64 {
     line.split(';')
-        .find_map(|part| part.trim().strip_suffix(what.trim()).map(str::trim).and_then(|n| n.rsplit(' ').next()?.parse().ok()))
+        .find_map(|part| {
+            part.trim()
+                .strip_suffix(what.trim())
+                .map(str::trim)
+                .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -87,7 +100,17 @@ mod tests {
     #[test]
     fn counts_a_cargo_result_line() {
         let l = "ok. 41 passed; 2 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.31s";
-        assert_eq!((super::count(l, " passed"), super::count(l, " failed"), super::count(l, " ignored")), (41, 2, 3));
-        assert_eq!(super::count("FAILED. 1 passed; 1 failed; 0 ignored", " failed"), 1);
+        assert_eq!(
+            (
+                super::count(l, " passed"),
+                super::count(l, " failed"),
+                super::count(l, " ignored")
+            ),
+            (41, 2, 3)
+        );
+        assert_eq!(
+            super::count("FAILED. 1 passed; 1 failed; 0 ignored", " failed"),
+            1
+        );
     }
 }
