@@ -8,6 +8,7 @@
 mod agent;
 mod bringup;
 mod control;
+mod disk;
 mod init;
 mod inventory;
 mod logging;

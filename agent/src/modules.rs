@@ -25,6 +25,8 @@ pub struct ModuleIndex {
     /// Module name → (path relative to `dir`, dependency names).
     deps: HashMap<String, (PathBuf, Vec<String>)>,
     builtin: BTreeSet<String>,
+    /// `modules.softdep`: module → (load before, load after). Names may be aliases.
+    softdeps: HashMap<String, (Vec<String>, Vec<String>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,9 +157,24 @@ impl ModuleIndex {
         self.builtin.contains(&canonical(name))
     }
 
+    /// Soft dependencies resolve like modprobe's: a module name, else an
+    /// alias; ones this initramfs does not carry are skipped.
+    fn resolve_soft(&self, name: &str) -> Vec<String> {
+        let name = canonical(name);
+        if self.deps.contains_key(&name) {
+            return vec![name];
+        }
+        self.lookup(&name)
+            .into_iter()
+            .filter(|m| self.deps.contains_key(*m))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The order to load `name` in: every dependency before the modules that
-    /// need it, `name` last. The order of names within a `modules.dep` line
-    /// does not matter: each dependency's own line is followed.
+    /// need it, `name` last; `modules.softdep` "pre" modules before it and
+    /// "post" modules after it. The order of names within a `modules.dep`
+    /// line does not matter: each dependency's own line is followed.
     pub fn load_order(&self, name: &str) -> Result<Vec<String>, ModError> {
         fn visit(
             index: &ModuleIndex,
@@ -177,12 +194,27 @@ impl ModuleIndex {
                 .deps
                 .get(name)
                 .ok_or_else(|| ModError::Unknown(name.to_owned()))?;
+            let (pre, post) = index.softdeps.get(name).cloned().unwrap_or_default();
             stack.push(name.to_owned());
+            // Soft dependencies are best effort: one that cycles or does not
+            // resolve is left out, never fatal.
+            for soft in pre.iter().flat_map(|p| index.resolve_soft(p)) {
+                let mut trial = out.clone();
+                if visit(index, &soft, stack, &mut trial).is_ok() {
+                    *out = trial;
+                }
+            }
             for d in deps {
                 visit(index, d, stack, out)?;
             }
             stack.pop();
             out.push(name.to_owned());
+            for soft in post.iter().flat_map(|p| index.resolve_soft(p)) {
+                let mut trial = out.clone();
+                if visit(index, &soft, stack, &mut trial).is_ok() {
+                    *out = trial;
+                }
+            }
             Ok(())
         }
         let mut out = Vec::new();
@@ -193,6 +225,28 @@ impl ModuleIndex {
     pub fn path_of(&self, name: &str) -> Option<PathBuf> {
         self.deps.get(name).map(|(p, _)| self.dir.join(p))
     }
+}
+
+/// Parses `softdep NAME pre: A B post: C` lines.
+fn parse_softdeps(text: &str) -> HashMap<String, (Vec<String>, Vec<String>)> {
+    let mut out: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("softdep"), Some(name)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let entry = out.entry(canonical(name)).or_default();
+        let mut post = false;
+        for w in words {
+            match w {
+                "pre:" => post = false,
+                "post:" => post = true,
+                m if post => entry.1.push(m.to_owned()),
+                m => entry.0.push(m.to_owned()),
+            }
+        }
+    }
+    out
 }
 
 /// One device's modalias, with where it was found.
@@ -464,6 +518,28 @@ kernel/drivers/ata/libahci.ko:
             ]
         );
         assert!(matches!(i.load_order("nope"), Err(ModError::Unknown(_))));
+    }
+
+    #[test]
+    fn soft_dependencies_resolve_through_names_and_aliases() {
+        let alias = "alias crct10dif crct10dif_generic\nalias crct10dif crct10dif_pclmul\n";
+        let dep = "crc_t10dif.ko: crct10dif_common.ko\ncrct10dif_common.ko:\ncrct10dif_generic.ko: crct10dif_common.ko\n\
+                   crct10dif_pclmul.ko: crct10dif_common.ko\nx.ko:\ny.ko:\n";
+        let mut i = ModuleIndex::parse(alias, dep, Path::new("a"), Path::new("d")).unwrap();
+        i.softdeps = parse_softdeps(
+            "softdep crc_t10dif pre: crct10dif\nsoftdep x pre: missing post: y\nsoftdep y pre: x\n",
+        );
+        assert_eq!(
+            i.load_order("crc_t10dif").unwrap(),
+            [
+                "crct10dif_common",
+                "crct10dif_generic",
+                "crct10dif_pclmul",
+                "crc_t10dif"
+            ]
+        );
+        // Missing and cyclic soft dependencies are skipped, not fatal.
+        assert_eq!(i.load_order("x").unwrap(), ["x", "y"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod channel;
 pub mod control;
 pub mod frame;
+pub mod image;
 pub mod inventory;
 
 pub use inventory::Inventory;

@@ -283,6 +283,7 @@ impl VmBuilder {
             child,
             console,
             monitor,
+            monitor_conn: std::sync::Mutex::new(None),
             started,
             _dir: dir,
         };
@@ -301,12 +302,44 @@ fn find_qemu() -> anyhow::Result<String> {
     }
 }
 
+/// Reads from the monitor until its `(qemu) ` prompt.
+fn read_to_prompt(conn: &mut UnixStream, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        if out.ends_with(b"(qemu) ") {
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no monitor prompt within {timeout:?}; got {:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => bail!("the monitor closed the connection"),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// A running guest. Dropping it kills QEMU.
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
     console: Console,
     monitor: PathBuf,
+    /// One connection for the guest's life: QEMU's monitor serves one client
+    /// at a time, and a command sent on a connection it has not yet
+    /// accepted can be lost.
+    monitor_conn: std::sync::Mutex<Option<UnixStream>>,
     started: Instant,
     _dir: tempfile::TempDir,
 }
@@ -324,7 +357,10 @@ impl Vm {
     fn wait_for_monitor(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.monitor).is_ok() {
+            if let Ok(mut conn) = UnixStream::connect(&self.monitor) {
+                conn.set_read_timeout(Some(Duration::from_millis(100)))?;
+                read_to_prompt(&mut conn, Duration::from_secs(10))?;
+                *self.monitor_conn.lock().unwrap() = Some(conn);
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
@@ -342,21 +378,14 @@ impl Vm {
         )
     }
 
-    /// Sends one human-monitor command (`set_link n0 off`, `cont`, ...).
+    /// Sends one human-monitor command (`set_link n0 off`, `cont`, ...) and
+    /// returns what the monitor answered before its next prompt.
     pub fn monitor(&self, command: &str) -> anyhow::Result<String> {
-        let mut s = UnixStream::connect(&self.monitor).context("connect to QEMU's monitor")?;
-        s.set_read_timeout(Some(Duration::from_millis(300)))?;
-        writeln!(s, "{command}")?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 1024];
-        // The monitor never closes the stream: read until it goes quiet.
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        let mut guard = self.monitor_conn.lock().unwrap();
+        let conn = guard.as_mut().context("QEMU's monitor is not connected")?;
+        writeln!(conn, "{command}")?;
+        read_to_prompt(conn, Duration::from_secs(10))
+            .with_context(|| format!("monitor command {command:?}"))
     }
 
     /// Starts a guest made with `paused()`.

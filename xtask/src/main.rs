@@ -39,6 +39,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Fuzz the control channel's parsers for a while (release build).
     Fuzz {
+        /// `control` (frames, messages, Noise) or `image` (image parsers, chunk decoding).
+        #[arg(default_value = "control")]
+        target: String,
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
@@ -71,7 +74,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Lab(args) => lab::run(&args)?,
         Task::Test(args) => test::run(&args)?,
         Task::Bench(args) => bench::run(&args)?,
-        Task::Fuzz { seconds } => {
+        Task::Fuzz { target, seconds } => {
+            anyhow::ensure!(
+                ["control", "image"].contains(&target.as_str()),
+                "unknown fuzz target {target:?}: control or image"
+            );
+            let example = format!("fuzz_{target}");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             util::run(
                 std::process::Command::new(cargo)
