@@ -73,6 +73,7 @@ fn read(path: &Path) -> Result<String, ModError> {
 
 impl ModuleIndex {
     /// Loads `modules.alias`, `modules.dep` and (if present) `modules.builtin`
+    /// and `modules.softdep`
     /// from a `lib/modules/<version>` directory.
     pub fn load(dir: &Path) -> Result<ModuleIndex, ModError> {
         let alias_path = dir.join("modules.alias");
@@ -90,6 +91,9 @@ impl ModuleIndex {
                 .filter(|l| !l.is_empty())
                 .map(module_name)
                 .collect();
+        }
+        if let Ok(text) = fs::read_to_string(dir.join("modules.softdep")) {
+            index.softdeps = parse_softdeps(&text);
         }
         Ok(index)
     }

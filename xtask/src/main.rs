@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "-p",
                         "shoal-protocol",
                         "--example",
-                        "fuzz_control",
+                        &example,
                         "--",
                     ])
                     .args(["--seconds", &seconds.to_string()]),
