@@ -8,6 +8,7 @@
 mod agent;
 mod bringup;
 mod control;
+mod deploy;
 mod disk;
 mod init;
 mod inventory;

@@ -1,21 +1,41 @@
 //! The admin API: HTTP + JSON on a loopback address, every endpoint but
-//! `GET /v1/health` behind `Authorization: Bearer <admin.token>`.
+//! `GET /v1/health` behind `Authorization: Bearer TOKEN`. The token is
+//! `STATE/admin.token` (user `admin`, role admin) or a user's token
+//! (`POST /v1/users`); each request is attributed to that user. Role
+//! `user` may use the rows marked *any* (the image store applies its
+//! ACLs); everything else is admin-only (403).
 //!
 //! | method | path | does |
 //! | --- | --- | --- |
 //! | GET | `/v1/health` | `{"status":"ok","version":..,"public_key":..}`, no token |
+//! | GET | `/v1/whoami` | *any*: `{"name":..,"role":..}` |
+//! | GET | `/v1/users` | users (name, role, created_at) |
+//! | POST | `/v1/users` | `{"name":..,"role":"user"\|"admin"}` → 201 with the token, shown once |
+//! | DELETE | `/v1/users/{name}` | remove the user and its grants |
+//! | GET | `/v1/image-groups` | *any*: the groups the caller may see |
+//! | POST | `/v1/image-groups` | *any* (store: admins): `{"name":..}` → 201 |
+//! | POST | `/v1/image-groups/{group}` | *any* (store: admins): `{"compression":..}`, re-encodes its images |
+//! | GET | `/v1/images?group=G` | *any*: the images the caller may `list` |
+//! | POST | `/v1/images` | admins: `{"group","path","name"?,"compression"?,"description"?}` → 201 |
+//! | GET | `/v1/images/{group}/{name}` | *any* (`list`): metadata, chunks, ACLs |
+//! | DELETE | `/v1/images/{group}/{name}` | *any* (`modify`) |
+//! | POST | `/v1/images/{group}/{name}/verify` | *any* (`list`): every chunk's hashes |
+//! | POST | `/v1/images/{group}/{name}/export` | admins: `{"path":..}`, verified |
+//! | POST | `/v1/images/{group}/{name}/replace` | admins: `{"path":..,"description"?}`, atomic |
+//! | POST | `/v1/acl/grant`, `/v1/acl/revoke` | *any* (store: admins): `{"user","permission","group","name"?}` |
 //! | GET | `/v1/devices` | every device (no inventory) |
 //! | GET | `/v1/devices/{device}` | one device with its inventory |
 //! | DELETE | `/v1/devices/{device}` | forget it (open steps end, connection closes) |
 //! | POST | `/v1/devices/{device}/approve` | approve a pending device |
-//! | GET | `/v1/jobs?limit=N` | newest jobs first, with step counts |
-//! | POST | `/v1/jobs` | create: `{"devices":[..],"steps":[..],"created_by":".."}` → 201 |
-//! | GET | `/v1/jobs/{id}` | a job with one result per device × step |
+//! | GET | `/v1/jobs?limit=N` | *any*: newest jobs first, with step counts |
+//! | POST | `/v1/jobs` | *any*: create: `{"devices":[..],"steps":[..],"created_by":".."}` → 201; `created_by` is the caller unless an admin names someone |
+//! | GET | `/v1/jobs/{id}` | *any*: a job with one result per device × step |
 //! | POST | `/v1/jobs/{id}/cancel` | cancel its queued steps, stop its running ones |
 //! | GET | `/v1/logs?device=D&limit=N` | agents' log lines, oldest first |
 //!
 //! `{device}` is an id, an SMBIOS UUID or a MAC. Errors are
-//! `{"error": "..."}` with 400, 401, 404 or 500.
+//! `{"error": "..."}` with 400, 401, 403, 404, 409, 500 or 503. Paths in
+//! image bodies are on the Controller's host (`shoalctl` runs there).
 
 use std::sync::Arc;
 
@@ -25,8 +45,8 @@ use axum::http::{header, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use log::{error, info};
+use axum::{Extension, Json, Router};
+use log::{debug, error, info};
 use serde::Deserialize;
 
 use crate::api::{Cancelled, Device, ErrorBody, Health, Job, LogEntry, NewJob};
@@ -35,6 +55,8 @@ use crate::error_chain;
 use crate::jobs::{validate_steps, JobError};
 use crate::registry::Cmd;
 use crate::server::Shared;
+use crate::store::http::{Caller, Images};
+use crate::store::{ImageStore, Role, StoreError};
 use crate::time::now_ms;
 
 /// Jobs listed unless `?limit=` says otherwise.
@@ -62,14 +84,34 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error("no such endpoint: {0}")]
     NotFound(String),
+    #[error("no user {0:?}")]
+    NoUser(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("the image store is not available")]
+    NoImageStore,
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NoToken | ApiError::BadToken => StatusCode::UNAUTHORIZED,
-            ApiError::NoDevice(_) | ApiError::NoJob(_) | ApiError::NotFound(_) => {
-                StatusCode::NOT_FOUND
+            ApiError::NoDevice(_)
+            | ApiError::NoJob(_)
+            | ApiError::NotFound(_)
+            | ApiError::NoUser(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NoImageStore => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(e) => {
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             }
             ApiError::NoTargets | ApiError::BadRequest(_) | ApiError::Job(_) => {
                 StatusCode::BAD_REQUEST
@@ -82,32 +124,51 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let text = error_chain(&self);
-        if let ApiError::Db(_) = self {
+        let status = self.status();
+        if status.is_server_error() {
             error!("admin API: {text}");
         }
-        (self.status(), Json(ErrorBody { error: text })).into_response()
+        (status, Json(ErrorBody { error: text })).into_response()
     }
 }
 
 type Shd = State<Arc<Shared>>;
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    let api = Router::new()
+    // The image store next to the database (or `serve --images`); none
+    // for an in-memory database. Opening it is quick (a directory).
+    let images = match ImageStore::from_db(&shared.store) {
+        Ok(s) => {
+            info!("image store: {}", s.root().display());
+            Images(Some(Arc::new(s)))
+        }
+        Err(e) => {
+            log::warn!("no image store: {}", error_chain(&e));
+            Images(None)
+        }
+    };
+    let admin_only = Router::new()
         .route("/v1/devices", get(list_devices))
         .route(
             "/v1/devices/{device}",
             get(show_device).delete(forget_device),
         )
         .route("/v1/devices/{device}/approve", post(approve_device))
-        .route("/v1/jobs", get(list_jobs).post(create_job))
-        .route("/v1/jobs/{job}", get(show_job))
         .route("/v1/jobs/{job}/cancel", post(cancel_job))
         .route("/v1/logs", get(logs))
+        .merge(crate::store::http::admin_routes())
+        .route_layer(middleware::from_fn(require_admin));
+    let api = Router::new()
+        .route("/v1/jobs", get(list_jobs).post(create_job))
+        .route("/v1/jobs/{job}", get(show_job))
+        .merge(crate::store::http::routes())
+        .merge(admin_only)
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .route("/v1/health", get(health))
         .merge(api)
         .fallback(not_found)
+        .layer(Extension(images))
         .with_state(shared)
 }
 
@@ -117,19 +178,50 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(s): Shd, req: Request, next: Next) -> Response {
+/// Finds the caller: the bootstrap admin token, else a user whose token
+/// hashes (SHA-256) to a row of `users`.
+async fn auth(State(s): Shd, mut req: Request, next: Next) -> Response {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        None => ApiError::NoToken.into_response(),
-        Some(t) if !same(t.as_bytes(), s.admin_token.as_bytes()) => {
-            ApiError::BadToken.into_response()
+        .map(str::trim)
+        .map(str::to_owned);
+    let caller = match token {
+        None => return ApiError::NoToken.into_response(),
+        Some(t) if same(t.as_bytes(), s.admin_token.as_bytes()) => Caller::bootstrap(),
+        Some(t) => {
+            let hash = crate::db::token_sha256(&t);
+            match s.store.call(move |db| db.user_by_token(&hash)).await {
+                Ok(Some((name, role))) => Caller { name, role },
+                Ok(None) => return ApiError::BadToken.into_response(),
+                Err(e) => return ApiError::Db(e).into_response(),
+            }
         }
-        Some(_) => next.run(req).await,
+    };
+    debug!(
+        "admin API: {} {} by {}",
+        req.method(),
+        req.uri().path(),
+        caller.name
+    );
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Refuses callers whose role is not admin (after [`auth`]).
+async fn require_admin(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(c) if c.role == Role::Admin => next.run(req).await,
+        Some(c) => ApiError::Forbidden(format!(
+            "user {:?} is not an admin: {} {} is for admins only",
+            c.name,
+            req.method(),
+            req.uri().path()
+        ))
+        .into_response(),
+        None => ApiError::NoToken.into_response(),
     }
 }
 
@@ -215,6 +307,7 @@ async fn list_jobs(
 
 async fn create_job(
     State(s): Shd,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<NewJob>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let Json(new) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -222,12 +315,18 @@ async fn create_job(
     if new.devices.is_empty() {
         return Err(ApiError::NoTargets);
     }
-    let by: String = new
-        .created_by
-        .as_deref()
-        .map(str::trim)
-        .filter(|b| !b.is_empty())
-        .unwrap_or("admin")
+    // Users create jobs as themselves; an admin may name someone else
+    // (scripts acting for a person).
+    let named = match caller.role {
+        Role::Admin => new
+            .created_by
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty()),
+        Role::User => None,
+    };
+    let by: String = named
+        .unwrap_or(&caller.name)
         .chars()
         .take(MAX_NAME)
         .collect();

@@ -11,7 +11,8 @@
 //! handshake), `channel` (frames and sealed messages on one connection),
 //! `session` (one connected device: enrolment, heartbeats, step offers),
 //! `registry` (which device has which live session), `admin` (HTTP API),
-//! `api` (its JSON bodies), `jobs` and `model` (the job model and states).
+//! `api` (its JSON bodies), `jobs` and `model` (the job model and states),
+//! `store` (the image store: groups, images, ACLs; its endpoints).
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod api;
 pub mod channel;
 pub mod client;
 pub mod db;
+pub mod distribution;
 pub mod jobs;
 pub mod logging;
 pub mod model;
@@ -28,6 +30,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod table;
 pub mod time;
 

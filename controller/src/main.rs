@@ -1,8 +1,9 @@
 //! `shoal-controller`: the Controller daemon.
 //!
 //! - `serve --state DIR --listen ADDR:PORT [--admin ADDR:PORT]
-//!   [--enrolment auto|known-only] [--heartbeat-ms N] [--timeout-ms N]`
-//!   runs the agent listener and the admin API until SIGINT or SIGTERM.
+//!   [--enrolment auto|known-only] [--heartbeat-ms N] [--timeout-ms N]
+//!   [--images DIR]` runs the agent listener and the admin API until
+//!   SIGINT or SIGTERM; the image store is DIR (default `STATE/images`).
 //! - `keys --state DIR [--listen HOST:PORT]` prints the public key and the
 //!   agent kernel command line, creating the state directory if missing.
 //!
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use shoal_controller::db::{Db, IMAGES_DIR_SETTING};
 use shoal_controller::model::EnrolmentPolicy;
 use shoal_controller::state::State;
 use shoal_controller::{error_chain, logging, Config, Server};
@@ -64,6 +66,9 @@ struct ServeArgs {
     /// Silence after which a device is offline.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     timeout_ms: u64,
+    /// The image store directory (default: STATE/images).
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -106,7 +111,18 @@ fn keys(dir: &std::path::Path, listen: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// Records where the image store is (the admin API reads the setting).
+fn set_images_dir(state_dir: &std::path::Path, images: Option<PathBuf>) -> Result<(), String> {
+    let state = State::open_or_create(state_dir).map_err(|e| error_chain(&e))?;
+    let dir = images.unwrap_or_else(|| state.dir.join(shoal_controller::store::DEFAULT_DIR));
+    let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut db = Db::open(&state.db_path()).map_err(|e| error_chain(&e))?;
+    db.set_setting(IMAGES_DIR_SETTING, &dir.to_string_lossy())
+        .map_err(|e| error_chain(&e))
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
+    set_images_dir(&args.state, args.images)?;
     let config = Config {
         state_dir: args.state,
         listen: args.listen,

@@ -155,6 +155,11 @@ fn write_secret(path: &Path, text: &str) -> Result<(), StateError> {
     fs::rename(&tmp, path).map_err(write)
 }
 
+/// A fresh random token (64 hex digits), e.g. for a new admin API user.
+pub fn new_token() -> Result<String, StateError> {
+    Ok(channel::to_hex(&random_bytes()?))
+}
+
 fn random_bytes() -> Result<[u8; KEY_LEN], StateError> {
     let mut out = [0u8; KEY_LEN];
     fs::File::open("/dev/urandom")

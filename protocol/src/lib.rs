@@ -9,6 +9,7 @@
 
 pub mod channel;
 pub mod control;
+pub mod distribution;
 pub mod frame;
 pub mod image;
 pub mod inventory;

@@ -6,8 +6,18 @@
 //!   jobs run --device ID|all [--device ..] [--wait SECS] STEP...
 //!   jobs list | show ID | cancel ID
 //!   logs [--device ID] [--limit N]
-//!   health
+//!   health | whoami
+//!   image group create GROUP | list | set GROUP --compression none|fast|max
+//!   image add GROUP FILE [--name N] [--compression C] [--description D]
+//!   image list [GROUP] | show G/N | verify G/N | export G/N FILE
+//!   image replace G/N FILE [--description D] | remove G/N
+//!   acl grant|revoke USER list|deploy|modify GROUP[/NAME]
+//!   users create NAME [--role user|admin] | list | remove NAME
 //! ```
+//!
+//! Image files (add, replace, export) are paths on this host, made
+//! absolute and read or written by the Controller itself: `shoalctl` runs
+//! on the Controller's host (the admin API is on loopback).
 //!
 //! STEP is `echo:TEXT`, `inventory`, `wait:SECS`, `reboot` or `poweroff`.
 //! Human tables by default, `--json` for scripts. Exit status 1 on any
@@ -23,11 +33,15 @@ use serde::Serialize;
 use serde_json::Value;
 use shoal_controller::api::{Device, Job, NewJob};
 use shoal_controller::client::Client;
+use shoal_controller::client::ClientError;
 use shoal_controller::jobs::StepSpec;
 use shoal_controller::model::JobState;
+use shoal_controller::store::client::StoreClient;
+use shoal_controller::store::{GroupInfo, ImageInfo, Permission, Role};
 use shoal_controller::table::Table;
 use shoal_controller::time::{ago, now_ms, parse_rfc3339};
 use shoal_controller::{error_chain, state};
+use shoal_protocol::image::Compression;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,6 +89,109 @@ enum Cmd {
     },
     /// Is the Controller up? (needs no token)
     Health,
+    /// Which user the token belongs to.
+    Whoami,
+    /// The image store: groups and images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Grant or revoke list/deploy/modify on a group or an image.
+    #[command(subcommand)]
+    Acl(AclCmd),
+    /// Admin API users (admins only).
+    #[command(subcommand)]
+    Users(UsersCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Image groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Add a raw disk image, a qcow2 disk or a Shoal image (FILE on this host).
+    Add {
+        group: String,
+        file: PathBuf,
+        /// Default: FILE's name without its extension.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only for a group's first image (later ones take the group's).
+        #[arg(long)]
+        compression: Option<Compression>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Images you may list, in one group or all.
+    List {
+        group: Option<String>,
+    },
+    /// Metadata, chunks, stored size and ID of GROUP/NAME.
+    Show {
+        image: String,
+    },
+    /// Check every chunk's hashes.
+    Verify {
+        image: String,
+    },
+    /// Write GROUP/NAME to FILE (a new file) at the group's compression.
+    Export {
+        image: String,
+        file: PathBuf,
+    },
+    /// Replace GROUP/NAME's content with FILE (atomic).
+    Replace {
+        image: String,
+        file: PathBuf,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Remove {
+        image: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    /// A new, empty group (no compression until its first image).
+    Create {
+        group: String,
+    },
+    List,
+    /// Set the group's compression; its images are re-encoded.
+    Set {
+        group: String,
+        #[arg(long)]
+        compression: Compression,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AclCmd {
+    /// USER PERMISSION GROUP[/NAME]
+    Grant {
+        user: String,
+        permission: Permission,
+        target: String,
+    },
+    /// USER PERMISSION GROUP[/NAME]
+    Revoke {
+        user: String,
+        permission: Permission,
+        target: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCmd {
+    /// Prints the new user's token once.
+    Create {
+        name: String,
+        #[arg(long, default_value = "user")]
+        role: Role,
+    },
+    List,
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,9 +283,16 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Whoami | Cmd::Image(_) | Cmd::Acl(_) | Cmd::Users(_) = cli.cmd {
+        let c = StoreClient::new(&cli.url, &token(cli)?);
+        run_store(cli, &c).map_err(err)??;
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = Client::new(&cli.url, &token(cli)?);
     match &cli.cmd {
-        Cmd::Health => unreachable!("handled above"),
+        Cmd::Health | Cmd::Whoami | Cmd::Image(_) | Cmd::Acl(_) | Cmd::Users(_) => {
+            unreachable!("handled above")
+        }
         Cmd::Devices(DevicesCmd::List) => {
             let devices = c.devices().map_err(err)?;
             if cli.json {
@@ -546,4 +670,260 @@ fn job_text(j: &Job) -> String {
     }
     out.push_str(&t.render());
     out
+}
+
+/// `GROUP/NAME` split.
+fn split(image: &str) -> Result<(&str, &str), String> {
+    image
+        .split_once('/')
+        .filter(|(g, n)| !g.is_empty() && !n.is_empty())
+        .ok_or_else(|| format!("{image:?}: expected GROUP/NAME"))
+}
+
+/// Prints `v` as JSON with `--json`, else `human(v)`.
+fn show<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) -> Result<(), String> {
+    if json {
+        print_json(v)
+    } else {
+        print!("{}", human(v));
+        Ok(())
+    }
+}
+
+/// The image store, ACL, user and whoami commands. The outer error is the
+/// API's; the inner one a usage error.
+fn run_store(cli: &Cli, c: &StoreClient) -> Result<Result<(), String>, ClientError> {
+    let j = cli.json;
+    let done = match &cli.cmd {
+        Cmd::Whoami => {
+            let w = c.whoami()?;
+            show(j, &w, |w| format!("{} ({})\n", w.name, w.role))
+        }
+        Cmd::Image(ImageCmd::Group(GroupCmd::Create { group })) => {
+            let g = c.create_group(group)?;
+            show(j, &g, |g| format!("created image group {}\n", g.name))
+        }
+        Cmd::Image(ImageCmd::Group(GroupCmd::List)) => show(j, &c.groups()?, |g| groups_table(g)),
+        Cmd::Image(ImageCmd::Group(GroupCmd::Set { group, compression })) => {
+            let g = c.set_group(group, *compression)?;
+            show(j, &g, |g| {
+                format!(
+                    "image group {} now stores {} images\n",
+                    g.name,
+                    g.compression.map_or("unset", |c| c.as_str())
+                )
+            })
+        }
+        Cmd::Image(ImageCmd::Add {
+            group,
+            file,
+            name,
+            compression,
+            description,
+        }) => {
+            let i = c.add(
+                group,
+                file,
+                name.as_deref(),
+                *compression,
+                description.as_deref(),
+            )?;
+            show(j, &i, |i| {
+                format!(
+                    "added {}/{} ({}, {} stored, id {})\n",
+                    i.group,
+                    i.name,
+                    i.compression,
+                    size(i.stored_size),
+                    i.id
+                )
+            })
+        }
+        Cmd::Image(ImageCmd::List { group }) => {
+            show(j, &c.images(group.as_deref())?, |i| images_table(i))
+        }
+        Cmd::Image(ImageCmd::Show { image }) => match split(image) {
+            Err(e) => Err(e),
+            Ok((g, n)) => {
+                let d = c.show(g, n)?;
+                show(j, &d, |d| {
+                    let i = &d.info;
+                    let m = &d.metadata;
+                    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+                    let mut t = Table::plain();
+                    for (k, v) in [
+                        ("image", format!("{}/{}", i.group, i.name)),
+                        ("id", i.id.clone()),
+                        ("description", i.description.clone()),
+                        ("compression", i.compression.to_string()),
+                        (
+                            "volume size",
+                            format!("{} ({} bytes)", size(i.source_size), i.source_size),
+                        ),
+                        (
+                            "stored size",
+                            format!("{} ({} bytes)", size(i.stored_size), i.stored_size),
+                        ),
+                        ("chunk size", size(u64::from(i.chunk_size))),
+                        (
+                            "chunks",
+                            format!(
+                                "{} ({} zero, {} raw, {} zstd)",
+                                i.chunks, d.zero_chunks, d.raw_chunks, d.zstd_chunks
+                            ),
+                        ),
+                        ("sector size", m.logical_sector_size.to_string()),
+                        ("partition table", opt(&m.partition_table)),
+                        (
+                            "os",
+                            format!(
+                                "{} {} {} {}",
+                                opt(&m.os_name),
+                                opt(&m.os_version),
+                                opt(&m.os_arch),
+                                opt(&m.os_language)
+                            ),
+                        ),
+                        ("created by", i.created_by.clone()),
+                        (
+                            "created at",
+                            shoal_controller::time::rfc3339(i.created_at as i64 * 1000),
+                        ),
+                        ("group ACL", d.group_acl.summary()),
+                        ("image ACL", d.acl.summary()),
+                    ] {
+                        t.row(vec![format!("{k}:"), v]);
+                    }
+                    t.render()
+                })
+            }
+        },
+        Cmd::Image(ImageCmd::Verify { image }) => match split(image) {
+            Err(e) => Err(e),
+            Ok((g, n)) => {
+                let v = c.verify(g, n)?;
+                show(j, &v, |v| {
+                    format!(
+                        "{}/{}: {} chunks verified, id {}\n",
+                        v.group, v.name, v.chunks, v.id
+                    )
+                })
+            }
+        },
+        Cmd::Image(ImageCmd::Export { image, file }) => match split(image) {
+            Err(e) => Err(e),
+            Ok((g, n)) => {
+                let x = c.export(g, n, file)?;
+                show(j, &x, |x| {
+                    format!(
+                        "exported {}/{} to {} ({}, {}, verified)\n",
+                        x.group,
+                        x.name,
+                        x.path.display(),
+                        x.compression,
+                        size(x.stored_size)
+                    )
+                })
+            }
+        },
+        Cmd::Image(ImageCmd::Replace {
+            image,
+            file,
+            description,
+        }) => match split(image) {
+            Err(e) => Err(e),
+            Ok((g, n)) => {
+                let i = c.replace(g, n, file, description.as_deref())?;
+                show(j, &i, |i| {
+                    format!("replaced {}/{} (id {})\n", i.group, i.name, i.id)
+                })
+            }
+        },
+        Cmd::Image(ImageCmd::Remove { image }) => match split(image) {
+            Err(e) => Err(e),
+            Ok((g, n)) => {
+                let r = c.remove(g, n)?;
+                show(j, &r, |r| format!("removed {}\n", r.removed))
+            }
+        },
+        Cmd::Acl(AclCmd::Grant {
+            user,
+            permission,
+            target,
+        })
+        | Cmd::Acl(AclCmd::Revoke {
+            user,
+            permission,
+            target,
+        }) => {
+            let grant = matches!(cli.cmd, Cmd::Acl(AclCmd::Grant { .. }));
+            let (g, n) = match target.split_once('/') {
+                Some((g, n)) => (g, Some(n)),
+                None => (target.as_str(), None),
+            };
+            let acl = c.acl(grant, user, *permission, g, n)?;
+            show(j, &acl, |a| format!("{target}: {}\n", a.summary()))
+        }
+        Cmd::Users(UsersCmd::Create { name, role }) => {
+            let u = c.create_user(name, *role)?;
+            show(j, &u, |u| {
+                format!(
+                    "created user {} ({}); token (shown once):\n{}\n",
+                    u.name, u.role, u.token
+                )
+            })
+        }
+        Cmd::Users(UsersCmd::List) => show(j, &c.users()?, |users| {
+            let mut t = Table::new(&["NAME", "ROLE", "CREATED"]);
+            for u in users {
+                t.row(vec![
+                    u.name.clone(),
+                    u.role.to_string(),
+                    u.created_at.as_deref().map(short_time).unwrap_or_default(),
+                ]);
+            }
+            t.render()
+        }),
+        Cmd::Users(UsersCmd::Remove { name }) => {
+            let r = c.remove_user(name)?;
+            show(j, &r, |r| format!("removed user {}\n", r.removed))
+        }
+        _ => Err("not an image store command".into()),
+    };
+    Ok(done)
+}
+
+fn groups_table(groups: &[GroupInfo]) -> String {
+    let mut t = Table::new(&["GROUP", "COMPRESSION", "IMAGES", "ACL"]);
+    for g in groups {
+        t.row(vec![
+            g.name.clone(),
+            g.compression.map_or("unset", |c| c.as_str()).into(),
+            g.images.to_string(),
+            g.acl.summary(),
+        ]);
+    }
+    t.render()
+}
+
+fn images_table(images: &[ImageInfo]) -> String {
+    let mut t = Table::new(&[
+        "IMAGE",
+        "COMPRESSION",
+        "VOLUME",
+        "STORED",
+        "ID",
+        "DESCRIPTION",
+    ]);
+    for i in images {
+        t.row(vec![
+            format!("{}/{}", i.group, i.name),
+            i.compression.to_string(),
+            size(i.source_size),
+            size(i.stored_size),
+            i.id.chars().take(16).collect(),
+            i.description.clone(),
+        ]);
+    }
+    t.render()
 }

@@ -8,11 +8,13 @@
 //! [`Db`] is synchronous; the async server goes through [`Store`], which
 //! runs each call on tokio's blocking pool under a mutex held only for that
 //! call. Submodules: `devices.rs` (records and identity matching),
-//! `jobs.rs` (job engine transitions), `logs.rs`.
+//! `jobs.rs` (job engine transitions), `logs.rs`, `users.rs` (admin API
+//! users, token hashes, settings).
 
 mod devices;
 mod jobs;
 mod logs;
+mod users;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use crate::model::{DeviceState, EnrolmentState, JobState, StepState};
 
 pub use devices::{normal_macs, normal_uuid, HelloFacts, Recognised};
 pub use jobs::{Finish, Finished, JobCancel, NextStep};
+pub use users::{token_sha256, User, IMAGES_DIR_SETTING};
 
 /// The schema, one migration per entry; never edit an entry once released,
 /// append a new one.
@@ -76,6 +79,17 @@ pub const MIGRATIONS: &[&str] = &[
         text   TEXT NOT NULL
     );
     CREATE INDEX logs_device ON logs(device, id);",
+    // 2: admin API users (the image store's ACLs name them) and settings.
+    "CREATE TABLE users (
+        name         TEXT PRIMARY KEY,
+        role         TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at   INTEGER NOT NULL
+    );
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +224,14 @@ impl Db {
         Ok(known)
     }
 
+    /// The database file (`None` in memory).
+    pub fn path(&self) -> Option<PathBuf> {
+        self.conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+
     pub fn schema_version(&self) -> Result<u32, DbError> {
         self.conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -243,6 +265,13 @@ impl Store {
         })
         .await
         .map_err(|_| DbError::Task)?
+    }
+
+    /// Runs `f` on the calling thread (for code already on the blocking
+    /// pool, such as the image store's role lookups). Keep `f` short.
+    pub fn blocking<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, DbError>) -> Result<T, DbError> {
+        let mut guard = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
     }
 }
 
