@@ -56,7 +56,7 @@ use crate::jobs::{validate_steps, JobError};
 use crate::registry::Cmd;
 use crate::server::Shared;
 use crate::store::http::{Caller, Images};
-use crate::store::{ImageStore, Role, StoreError};
+use crate::store::{Role, StoreError};
 use crate::time::now_ms;
 
 /// Jobs listed unless `?limit=` says otherwise.
@@ -137,15 +137,12 @@ type Shd = State<Arc<Shared>>;
 pub fn router(shared: Arc<Shared>) -> Router {
     // The image store next to the database (or `serve --images`); none
     // for an in-memory database. Opening it is quick (a directory).
-    let images = match ImageStore::from_db(&shared.store) {
-        Ok(s) => {
+    let images = match &shared.images {
+        Some(s) => {
             info!("image store: {}", s.root().display());
-            Images(Some(Arc::new(s)))
+            Images(Some(s.clone()))
         }
-        Err(e) => {
-            log::warn!("no image store: {}", error_chain(&e));
-            Images(None)
-        }
+        None => Images(None),
     };
     let admin_only = Router::new()
         .route("/v1/devices", get(list_devices))

@@ -98,6 +98,9 @@ pub fn msg_name(m: &AgentMsg) -> &'static str {
 
 async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| shared.distribution_addr);
     let (mut reader, mut writer) = framed(stream);
     let msg1 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
         Err(_) => {
@@ -194,5 +197,5 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    crate::session::run(shared, ch, peer, hello, agent_key).await;
+    crate::session::run(shared, ch, peer, local, hello, agent_key).await;
 }

@@ -5,9 +5,11 @@
 //!
 //! Steps are written as JSON in the admin API
 //! (`{"kind":"echo","text":"hi"}`, `{"kind":"wait","secs":5}`,
-//! `{"kind":"inventory"}`, `{"kind":"reboot"}`, `{"kind":"poweroff"}`, each
-//! with an optional `"timeout_secs"`) and as `echo:TEXT`, `wait:SECS`,
-//! `inventory`, `reboot`, `poweroff` on `shoalctl`'s command line.
+//! `{"kind":"inventory"}`, `{"kind":"reboot"}`, `{"kind":"poweroff"}`,
+//! `{"kind":"deploy","image":"lab/disk","disk":"auto"}`, each with an
+//! optional `"timeout_secs"`) and as `echo:TEXT`, `wait:SECS`, `inventory`,
+//! `reboot`, `poweroff`, `deploy:GROUP/NAME@SELECTOR` on `shoalctl`'s
+//! command line.
 
 use std::time::Duration;
 
@@ -26,16 +28,28 @@ pub const MAX_TIMEOUT_SECS: u32 = 30 * 24 * 3600;
 pub const DEFAULT_TIMEOUT_SECS: u32 = 60;
 /// A `wait SECS` step times out after `SECS` plus this.
 pub const WAIT_GRACE_SECS: u32 = 30;
+/// Timeout of a `deploy` step unless the job says otherwise: an hour.
+pub const DEPLOY_TIMEOUT_SECS: u32 = 3600;
 
 /// The work of one step, as the admin API and the database spell it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StepKind {
     Inventory,
-    Wait { secs: u32 },
+    Wait {
+        secs: u32,
+    },
     Reboot,
     Poweroff,
-    Echo { text: String },
+    Echo {
+        text: String,
+    },
+    /// Write image `GROUP/NAME` to the disk `disk` selects (`auto`,
+    /// `serial=…`, `file=…`, ...; the agent parses it).
+    Deploy {
+        image: String,
+        disk: String,
+    },
 }
 
 /// A step of a job: the work and, optionally, its own timeout.
@@ -49,7 +63,7 @@ pub struct StepSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
-    #[error("unknown step {0:?}: expected echo:TEXT, inventory, wait:SECS, reboot or poweroff")]
+    #[error("unknown step {0:?}: expected echo:TEXT, inventory, wait:SECS, reboot, poweroff or deploy:GROUP/NAME@DISK")]
     UnknownStep(String),
     #[error("step {0:?}: not a whole number of seconds")]
     BadSecs(String),
@@ -59,6 +73,8 @@ pub enum JobError {
     WaitTooLong(u32),
     #[error("step timeout of {0} s is outside 1..={MAX_TIMEOUT_SECS} s")]
     BadTimeout(u32),
+    #[error("deploy step {0:?}: expected deploy:GROUP/NAME@DISK (DISK: auto, serial=S, wwn=W, name=N, path=P or file=F)")]
+    BadDeploy(String),
     #[error("a job needs at least one step")]
     NoSteps,
     #[error("a job has at most {MAX_STEPS} steps, not {0}")]
@@ -73,6 +89,7 @@ impl StepKind {
             StepKind::Reboot => "reboot",
             StepKind::Poweroff => "poweroff",
             StepKind::Echo { .. } => "echo",
+            StepKind::Deploy { .. } => "deploy",
         }
     }
 }
@@ -106,6 +123,15 @@ impl StepSpec {
             ("inventory", None) => StepKind::Inventory,
             ("reboot", None) => StepKind::Reboot,
             ("poweroff", None) => StepKind::Poweroff,
+            ("deploy", Some(arg)) => {
+                let (image, disk) = arg
+                    .split_once('@')
+                    .ok_or_else(|| JobError::BadDeploy(s.into()))?;
+                StepKind::Deploy {
+                    image: image.trim().into(),
+                    disk: disk.trim().into(),
+                }
+            }
             _ => return Err(JobError::UnknownStep(s.into())),
         };
         let spec = StepSpec::new(work);
@@ -121,6 +147,11 @@ impl StepSpec {
             StepKind::Wait { secs } if *secs > MAX_WAIT_SECS => {
                 return Err(JobError::WaitTooLong(*secs))
             }
+            StepKind::Deploy { image, disk }
+                if deploy_image(image).is_none() || disk.is_empty() || disk.len() > MAX_TEXT =>
+            {
+                return Err(JobError::BadDeploy(format!("deploy:{image}@{disk}")))
+            }
             _ => {}
         }
         match self.timeout_secs {
@@ -134,20 +165,23 @@ impl StepSpec {
     pub fn timeout(&self) -> Duration {
         let secs = self.timeout_secs.unwrap_or(match self.work {
             StepKind::Wait { secs } => secs.saturating_add(WAIT_GRACE_SECS),
+            StepKind::Deploy { .. } => DEPLOY_TIMEOUT_SECS,
             _ => DEFAULT_TIMEOUT_SECS,
         });
         Duration::from_secs(u64::from(secs))
     }
 
-    /// The work as the agent is offered it.
-    pub fn to_protocol(&self) -> Step {
-        match &self.work {
+    /// The work as the agent is offered it; `None` for a deploy, whose
+    /// offer needs a distribution session (`session.rs` makes it).
+    pub fn to_protocol(&self) -> Option<Step> {
+        Some(match &self.work {
             StepKind::Inventory => Step::Inventory,
             StepKind::Wait { secs } => Step::Wait { secs: *secs },
             StepKind::Reboot => Step::Reboot,
             StepKind::Poweroff => Step::Poweroff,
             StepKind::Echo { text } => Step::Echo { text: text.clone() },
-        }
+            StepKind::Deploy { .. } => return None,
+        })
     }
 
     /// A short description for tables: `echo hello`, `wait 5`.
@@ -155,9 +189,16 @@ impl StepSpec {
         match &self.work {
             StepKind::Wait { secs } => format!("wait {secs}"),
             StepKind::Echo { text } => format!("echo {text}"),
+            StepKind::Deploy { image, disk } => format!("deploy {image} to disk={disk}"),
             other => other.name().to_owned(),
         }
     }
+}
+
+/// `GROUP/NAME` split in two, if it is that.
+pub fn deploy_image(image: &str) -> Option<(&str, &str)> {
+    let (group, name) = image.split_once('/')?;
+    (!group.is_empty() && !name.is_empty() && !name.contains('/')).then_some((group, name))
 }
 
 /// Checks a job's steps before it is stored.
@@ -236,6 +277,24 @@ mod tests {
             StepSpec::parse_cli("format"),
             Err(JobError::UnknownStep(_))
         ));
+        let d = StepSpec::parse_cli("deploy:lab/disk@file=/tmp/x.img").unwrap();
+        assert_eq!(
+            d.work,
+            StepKind::Deploy {
+                image: "lab/disk".into(),
+                disk: "file=/tmp/x.img".into()
+            }
+        );
+        assert_eq!(d.timeout(), Duration::from_secs(3600));
+        assert!(d.to_protocol().is_none());
+        for bad in [
+            "deploy:lab/disk",
+            "deploy:disk@auto",
+            "deploy:lab/disk@",
+            "deploy",
+        ] {
+            assert!(StepSpec::parse_cli(bad).is_err(), "{bad}");
+        }
         assert!(matches!(
             StepSpec::parse_cli(&format!("echo:{}", "x".repeat(MAX_TEXT + 1))),
             Err(JobError::TextTooLong(_))

@@ -2,8 +2,11 @@
 //!
 //! - `serve --state DIR --listen ADDR:PORT [--admin ADDR:PORT]
 //!   [--enrolment auto|known-only] [--heartbeat-ms N] [--timeout-ms N]
-//!   [--images DIR]` runs the agent listener and the admin API until
-//!   SIGINT or SIGTERM; the image store is DIR (default `STATE/images`).
+//!   [--images DIR] [--distribution ADDR:PORT]` runs the agent listener,
+//!   the admin API and the Image Distribution service until SIGINT or
+//!   SIGTERM; the image store is DIR (default `STATE/images`), the
+//!   distribution service listens on the `--listen` address with port + 1
+//!   unless `--distribution` says.
 //! - `keys --state DIR [--listen HOST:PORT]` prints the public key and the
 //!   agent kernel command line, creating the state directory if missing.
 //!
@@ -69,6 +72,9 @@ struct ServeArgs {
     /// The image store directory (default: STATE/images).
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
+    /// The Image Distribution service (default: the --listen address, port + 1).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = socket_addr)]
+    distribution: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,6 +139,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         },
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         timeout: Duration::from_millis(args.timeout_ms),
+        distribution: args.distribution,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

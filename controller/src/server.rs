@@ -45,6 +45,9 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Silence after which a device is offline and its running step failed.
     pub timeout: Duration,
+    /// The Image Distribution service; `None`: the agent listener's
+    /// address with port + 1 (any free port if that one is taken).
+    pub distribution: Option<SocketAddr>,
 }
 
 impl Config {
@@ -58,6 +61,7 @@ impl Config {
             enrolment: EnrolmentPolicy::Auto,
             heartbeat: Duration::from_millis(1000),
             timeout: Duration::from_millis(5000),
+            distribution: None,
         }
     }
 }
@@ -72,6 +76,8 @@ pub enum ServerError {
     BindAgents(SocketAddr, #[source] std::io::Error),
     #[error("cannot serve the admin API on {0}")]
     BindAdmin(SocketAddr, #[source] std::io::Error),
+    #[error("cannot serve image distribution on {0}")]
+    BindDistribution(SocketAddr, #[source] std::io::Error),
     #[error("heartbeat {heartbeat} ms and timeout {timeout} ms: need 1 <= heartbeat < timeout <= {MAX_TIMEOUT_MS}")]
     Timeouts { heartbeat: u128, timeout: u128 },
     #[error("startup task failed")]
@@ -91,6 +97,13 @@ pub struct Shared {
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub admin_token: String,
+    /// The image store (none for an in-memory database).
+    pub images: Option<Arc<crate::store::ImageStore>>,
+    /// Sessions of the Image Distribution service.
+    pub distribution: crate::distribution::Distribution,
+    /// Where that service listens (an unspecified IP: agents are told the
+    /// address they reached the Controller at).
+    pub distribution_addr: SocketAddr,
 }
 
 impl std::fmt::Debug for Shared {
@@ -154,12 +167,45 @@ impl Server {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| ServerError::BindAdmin(config.admin, e))?;
+        let dist_default = config.distribution.is_none();
+        let dist_want = config.distribution.unwrap_or_else(|| {
+            let port = match agents_addr.port() {
+                0 | u16::MAX => 0,
+                p => p + 1,
+            };
+            SocketAddr::new(agents_addr.ip(), port)
+        });
+        let dist = match TcpListener::bind(dist_want).await {
+            Ok(l) => l,
+            Err(e) if dist_default => {
+                warn!(
+                    "image distribution: cannot listen on {dist_want} ({e}); using any free port"
+                );
+                TcpListener::bind(SocketAddr::new(dist_want.ip(), 0))
+                    .await
+                    .map_err(|e| ServerError::BindDistribution(dist_want, e))?
+            }
+            Err(e) => return Err(ServerError::BindDistribution(dist_want, e)),
+        };
+        let distribution_addr = dist
+            .local_addr()
+            .map_err(|e| ServerError::BindDistribution(dist_want, e))?;
         if !admin_addr.ip().is_loopback() {
             warn!("the admin API listens on {admin_addr}, which is not a loopback address: anyone who can reach it and has the token can run jobs");
         }
 
+        let store = Store::new(db);
+        // The image store next to the database (or `serve --images`); none
+        // for an in-memory database. Opening it is quick (a directory).
+        let images = match crate::store::ImageStore::from_db(&store) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                warn!("no image store: {}", crate::error_chain(&e));
+                None
+            }
+        };
         let shared = Arc::new(Shared {
-            store: Store::new(db),
+            store,
             keypair: state.keypair.clone(),
             psk: state.psk,
             replay: Mutex::new(ReplayGuard::new(REPLAY_CAPACITY)),
@@ -169,6 +215,9 @@ impl Server {
             heartbeat: config.heartbeat,
             timeout: config.timeout,
             admin_token: state.admin_token.clone(),
+            images,
+            distribution: crate::distribution::Distribution::new(),
+            distribution_addr,
         });
         let router = crate::admin::router(shared.clone());
         let flusher = shared.clone();
@@ -195,8 +244,9 @@ impl Server {
                     log::error!("the admin API stopped: {e}");
                 }
             }),
+            tokio::spawn(shared.distribution.clone().serve(dist)),
         ];
-        info!("listening on {agents_addr} (agents), {admin_addr} (admin)");
+        info!("listening on {agents_addr} (agents), {admin_addr} (admin), {distribution_addr} (image distribution)");
         Ok(Server {
             agents_addr,
             admin_addr,

@@ -22,14 +22,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
-use shoal_protocol::control::{clip, AgentMsg, ControllerMsg, Hello, Level, Outcome, StepRef};
+use shoal_protocol::control::{
+    clip, AgentMsg, ControllerMsg, Hello, Level, Outcome, Step, StepRef,
+};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use crate::agents::log_conn_error;
 use crate::channel::{Channel, ConnError};
-use crate::db::{normal_macs, normal_uuid, DbError, Finish, Finished, HelloFacts, Recognised};
+use crate::db::{
+    normal_macs, normal_uuid, DbError, Finish, Finished, HelloFacts, NextStep, Recognised,
+};
 use crate::error_chain;
+use crate::jobs::{deploy_image, StepKind};
 use crate::model::{DeviceState, EnrolmentState};
 use crate::registry::Cmd;
 use crate::server::Shared;
@@ -44,6 +49,8 @@ struct Current {
     cancel_requested: bool,
     deadline: Instant,
     timeout: Duration,
+    /// A deploy's distribution session, revoked when the step ends here.
+    grant: Option<[u8; 32]>,
 }
 
 enum Event {
@@ -65,6 +72,8 @@ struct Session {
     ch: Channel,
     device: i64,
     peer: SocketAddr,
+    /// The Controller's address this agent connected to.
+    local: SocketAddr,
     /// `device 3 (uuid) at 10.0.0.5:41000`, for log lines.
     who: String,
     approved: bool,
@@ -115,6 +124,7 @@ pub async fn run(
     shared: Arc<Shared>,
     mut ch: Channel,
     peer: SocketAddr,
+    local: SocketAddr,
     hello: Hello,
     agent_key: Option<String>,
 ) {
@@ -174,6 +184,7 @@ pub async fn run(
         ch,
         device,
         peer,
+        local,
         who: format!("device {device} ({ident}) at {peer}"),
         approved: rec.enrolment == EnrolmentState::Approved,
         current: None,
@@ -184,6 +195,9 @@ pub async fn run(
         next_poll: Instant::now() + POLL,
     };
     let end = s.serve(&mut rx, rec.enrolment).await;
+    if let Some(cur) = &s.current {
+        s.revoke(cur);
+    }
 
     // Fail the step this session started, and only that one: a newer
     // session of the same device may already run the next.
@@ -350,7 +364,9 @@ impl Session {
                 if !cur.started {
                     // It was only offered and is cancelled in the database;
                     // if the agent took it, Started is answered with Cancel.
-                    self.current = None;
+                    if let Some(c) = self.current.take() {
+                        self.revoke(&c);
+                    }
                 }
                 info!(
                     "device {}: asking the agent to cancel {}",
@@ -407,7 +423,9 @@ impl Session {
                     .as_ref()
                     .is_some_and(|c| c.step == offered && !c.started)
                 {
-                    self.current = None;
+                    if let Some(c) = self.current.take() {
+                        self.revoke(&c);
+                    }
                 }
                 self.agent_running = Some(running);
                 let wait = self.shared.heartbeat.max(Duration::from_secs(1));
@@ -464,7 +482,9 @@ impl Session {
             step_name(step)
         );
         if offered {
-            self.current = None;
+            if let Some(c) = self.current.take() {
+                self.revoke(&c);
+            }
         }
         self.agent_running = Some(step);
         self.send(&ControllerMsg::Cancel { step }).await
@@ -505,7 +525,9 @@ impl Session {
             },
         };
         if is_current {
-            self.current = None;
+            if let Some(c) = self.current.take() {
+                self.revoke(&c);
+            }
         }
         if self.agent_running == Some(step) {
             self.agent_running = None;
@@ -572,6 +594,7 @@ impl Session {
         let Some(cur) = self.current.take() else {
             return Ok(());
         };
+        self.revoke(&cur);
         let device = self.device;
         let secs = cur.timeout.as_secs();
         let reason = format!("timed out after {secs}s");
@@ -615,12 +638,42 @@ impl Session {
             step: next.step,
         };
         let timeout = Duration::from_millis(u64::from(next.timeout_ms));
+        let (work, grant) = match next.spec.to_protocol() {
+            Some(work) => (work, None),
+            None => match self.grant_deploy(&next, timeout).await {
+                Ok((work, session)) => (work, Some(session)),
+                Err(reason) => {
+                    warn!(
+                        "device {device}: {} ({}) failed: {reason}",
+                        step_name(step),
+                        next.spec.describe()
+                    );
+                    let (job, n) = (next.job, next.step);
+                    let finish = Finish::Failed { reason };
+                    if let Finished::Applied(s) = self
+                        .db(move |db| db.finish_step(device, job, n, &finish, now_ms()))
+                        .await?
+                    {
+                        if s.is_final() {
+                            info!("job {job} {s}");
+                        }
+                    }
+                    self.check_work = true;
+                    return Ok(());
+                }
+            },
+        };
         let offer = ControllerMsg::Offer {
             step,
-            work: next.spec.to_protocol(),
+            work,
             timeout_ms: next.timeout_ms,
         };
-        self.send(&offer).await?;
+        if let Err(end) = self.send(&offer).await {
+            if let Some(g) = grant {
+                self.shared.distribution.revoke(&g);
+            }
+            return Err(end);
+        }
         info!(
             "device {device}: offered {} ({})",
             step_name(step),
@@ -633,7 +686,78 @@ impl Session {
             cancel_requested: false,
             deadline: Instant::now() + timeout,
             timeout,
+            grant,
         });
         Ok(())
+    }
+
+    /// Ends the distribution session of `cur`, if it is a deploy.
+    fn revoke(&self, cur: &Current) {
+        if let Some(g) = &cur.grant {
+            if self.shared.distribution.revoke(g) {
+                debug!(
+                    "device {}: distribution session of {} revoked",
+                    self.device,
+                    step_name(cur.step)
+                );
+            }
+        }
+    }
+
+    /// The offer for a deploy step: checks the job's creator may deploy the
+    /// image, registers a fresh distribution session for it (expiring with
+    /// the step's timeout) and names the service. `Err` is the step's
+    /// failure reason.
+    async fn grant_deploy(
+        &self,
+        next: &NextStep,
+        timeout: Duration,
+    ) -> Result<(Step, [u8; 32]), String> {
+        let StepKind::Deploy { image, disk } = &next.spec.work else {
+            return Err(format!("{} is not a deploy step", next.spec.describe()));
+        };
+        let Some((group, name)) = deploy_image(image) else {
+            return Err(format!("image {image:?} is not GROUP/NAME"));
+        };
+        let store = self
+            .shared
+            .images
+            .clone()
+            .ok_or_else(|| "the Controller has no image store".to_owned())?;
+        let (user, group, name) = (next.created_by.clone(), group.to_owned(), name.to_owned());
+        let resolved =
+            tokio::task::spawn_blocking(move || store.resolve_for_deploy(&user, &group, &name))
+                .await
+                .map_err(|e| format!("resolving image {image}: {e}"))?
+                .map_err(|e| error_chain(&e))?;
+        let session = crate::state::random_id().map_err(|e| error_chain(&e))?;
+        let image_id = resolved.image.id;
+        info!(
+            "device {}: job {} step {}: serving image {image} ({}) to it",
+            self.device,
+            next.job,
+            next.step,
+            resolved.image.id_hex()
+        );
+        self.shared.distribution.register(
+            session,
+            resolved.path,
+            resolved.image,
+            std::time::Instant::now() + timeout,
+        );
+        let mut service = self.shared.distribution_addr;
+        if service.ip().is_unspecified() {
+            service.set_ip(self.local.ip());
+        }
+        Ok((
+            Step::Deploy {
+                image: image.clone(),
+                disk: disk.clone(),
+                service: service.to_string(),
+                session,
+                image_id,
+            },
+            session,
+        ))
     }
 }

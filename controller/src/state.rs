@@ -160,6 +160,11 @@ pub fn new_token() -> Result<String, StateError> {
     Ok(channel::to_hex(&random_bytes()?))
 }
 
+/// 32 fresh random bytes from the OS (e.g. a deploy's distribution session).
+pub fn random_id() -> Result<[u8; 32], StateError> {
+    random_bytes()
+}
+
 fn random_bytes() -> Result<[u8; KEY_LEN], StateError> {
     let mut out = [0u8; KEY_LEN];
     fs::File::open("/dev/urandom")

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::{Inventory, MacAddr};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest plaintext message: a frame minus the AEAD tag.
 pub const MAX_MESSAGE: usize = crate::frame::MAX_FRAME - 16;
 /// Longest log line or step output an agent sends (longer text is cut).
@@ -55,7 +55,7 @@ pub struct Hello {
     pub running: Option<StepRef>,
 }
 
-/// The work of one step. Disk steps come with later issues.
+/// The work of one step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
     /// Take the inventory again and send it.
@@ -70,6 +70,21 @@ pub enum Step {
     Echo {
         text: String,
     },
+    /// Write an image to a disk: pull its chunks from the Image
+    /// Distribution service at `service` with `session`. The chunk table is
+    /// fetched from the service too and must hash to `image_id` (which
+    /// comes over this authenticated channel, so the table is trusted).
+    Deploy {
+        /// `GROUP/NAME`, for messages.
+        image: String,
+        /// The disk selector text (`serial=…`, `auto`, `file=…`, ...).
+        disk: String,
+        /// `HOST:PORT` of the distribution service.
+        service: String,
+        session: [u8; 32],
+        /// SHA-256 of the image's chunk table.
+        image_id: [u8; 32],
+    },
 }
 
 impl Step {
@@ -80,6 +95,7 @@ impl Step {
             Step::Reboot => "reboot",
             Step::Poweroff => "poweroff",
             Step::Echo { .. } => "echo",
+            Step::Deploy { .. } => "deploy",
         }
     }
 }
@@ -270,6 +286,21 @@ mod tests {
             decode::<ControllerMsg>(&encode(&offer).unwrap()).unwrap(),
             offer
         );
+        let deploy = ControllerMsg::Offer {
+            step: StepRef { job: 4, step: 0 },
+            work: Step::Deploy {
+                image: "lab/disk".into(),
+                disk: "auto".into(),
+                service: "10.0.0.1:7001".into(),
+                session: [7; 32],
+                image_id: [9; 32],
+            },
+            timeout_ms: 3_600_000,
+        };
+        assert_eq!(
+            decode::<ControllerMsg>(&encode(&deploy).unwrap()).unwrap(),
+            deploy
+        );
     }
 
     #[test]
@@ -284,7 +315,7 @@ mod tests {
         bytes.push(0);
         assert_eq!(decode::<AgentMsg>(&bytes), Err(MessageError::Trailing(1)));
         assert!(matches!(
-            decode::<AgentMsg>(&[1, 99]),
+            decode::<AgentMsg>(&[PROTOCOL_VERSION as u8, 99]),
             Err(MessageError::Decode(_))
         ));
         assert!(matches!(

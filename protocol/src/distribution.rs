@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::image::MAX_CHUNK_SIZE;
 
 /// Bumped on any incompatible change to the messages below.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of a frame's length prefix.
 pub const HEADER: usize = 4;
 /// Most chunk indices in one request.
@@ -67,25 +67,76 @@ pub struct Request {
     pub chunks: Vec<u64>,
 }
 
-impl Request {
+/// Agent → service: send the image's prefix, chunk table and footer (so
+/// the agent can parse the table and check it hashes to `image_id`, which
+/// it got over the authenticated control channel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRequest {
+    pub session: [u8; 32],
+    pub image_id: [u8; 32],
+}
+
+/// Any request, as it travels: a postcard enum after the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ask {
+    /// Variant 0: chunks.
+    Chunks(Request),
+    /// Variant 1: prefix + table + footer.
+    Table(TableRequest),
+}
+
+impl Ask {
     /// One whole frame (length prefix included).
     pub fn encode(&self) -> Result<Vec<u8>, DistributionError> {
-        check_count(self.chunks.len())?;
+        if let Ask::Chunks(r) = self {
+            check_count(r.chunks.len())?;
+        }
         let body =
             postcard::to_allocvec(&(VERSION, self)).map_err(|_| DistributionError::Decode)?;
         frame(body, MAX_REQUEST_FRAME)
     }
 
     /// Decodes a frame body.
-    pub fn decode(body: &[u8]) -> Result<Request, DistributionError> {
+    pub fn decode(body: &[u8]) -> Result<Ask, DistributionError> {
         let rest = version(body)?;
-        let (req, rest) =
-            postcard::take_from_bytes::<Request>(rest).map_err(|_| DistributionError::Decode)?;
+        let (ask, rest) =
+            postcard::take_from_bytes::<Ask>(rest).map_err(|_| DistributionError::Decode)?;
         if !rest.is_empty() {
             return Err(DistributionError::Trailing(rest.len()));
         }
-        check_count(req.chunks.len())?;
-        Ok(req)
+        if let Ask::Chunks(r) = &ask {
+            check_count(r.chunks.len())?;
+        }
+        Ok(ask)
+    }
+
+    pub fn session(&self) -> &[u8; 32] {
+        match self {
+            Ask::Chunks(r) => &r.session,
+            Ask::Table(t) => &t.session,
+        }
+    }
+}
+
+impl Request {
+    /// One whole frame (length prefix included), as [`Ask::Chunks`].
+    pub fn encode(&self) -> Result<Vec<u8>, DistributionError> {
+        Ask::Chunks(self.clone()).encode()
+    }
+
+    /// Decodes a frame body that must be a chunk request.
+    pub fn decode(body: &[u8]) -> Result<Request, DistributionError> {
+        match Ask::decode(body)? {
+            Ask::Chunks(r) => Ok(r),
+            Ask::Table(_) => Err(DistributionError::Decode),
+        }
+    }
+}
+
+impl TableRequest {
+    /// One whole frame (length prefix included), as [`Ask::Table`].
+    pub fn encode(&self) -> Result<Vec<u8>, DistributionError> {
+        Ask::Table(self.clone()).encode()
     }
 }
 
@@ -99,15 +150,33 @@ pub enum Reply {
     Refused { reason: String },
     /// Every chunk of the oldest outstanding request has been sent.
     Done,
+    /// The answer to a [`TableRequest`]: `bytes` is the image file's prefix
+    /// (`prefix_len` bytes), chunk table (`table_len`) and footer, in that
+    /// order; `file_len` is the whole file's length.
+    Table {
+        prefix_len: u32,
+        table_len: u64,
+        file_len: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 /// The postcard part of a reply body. A `Chunk` body's stored bytes follow
 /// it raw, to the end of the frame (so 64 MiB are not varint-walked).
 #[derive(Debug, Serialize, Deserialize)]
 enum Head {
-    Chunk { index: u64 },
-    Refused { reason: String },
+    Chunk {
+        index: u64,
+    },
+    Refused {
+        reason: String,
+    },
     Done,
+    Table {
+        prefix_len: u32,
+        table_len: u64,
+        file_len: u64,
+    },
 }
 
 impl Reply {
@@ -136,6 +205,22 @@ impl Reply {
                     .map_err(|_| DistributionError::Decode)?;
                 frame(body, MAX_REPLY_FRAME)
             }
+            Reply::Table {
+                prefix_len,
+                table_len,
+                file_len,
+                bytes,
+            } => {
+                let head = Head::Table {
+                    prefix_len: *prefix_len,
+                    table_len: *table_len,
+                    file_len: *file_len,
+                };
+                let mut body = postcard::to_allocvec(&(VERSION, head))
+                    .map_err(|_| DistributionError::Decode)?;
+                body.extend_from_slice(bytes);
+                frame(body, MAX_REPLY_FRAME)
+            }
         }
     }
 
@@ -157,6 +242,19 @@ impl Reply {
                 Ok(Reply::Chunk {
                     index,
                     stored: body,
+                })
+            }
+            Head::Table {
+                prefix_len,
+                table_len,
+                file_len,
+            } => {
+                body.drain(..head_len);
+                Ok(Reply::Table {
+                    prefix_len,
+                    table_len,
+                    file_len,
+                    bytes: body,
                 })
             }
             _ if !rest.is_empty() => Err(DistributionError::Trailing(rest.len())),
@@ -310,8 +408,9 @@ mod tests {
             chunks: vec![0, 300],
         };
         let wire = req.encode().unwrap();
-        // length, version 1, 32 + 32 bytes, count 2, varints 0 and 300.
-        let mut want = vec![0, 0, 0, 69, 1];
+        // length, version 2, variant 0 (chunks), 32 + 32 bytes, count 2,
+        // varints 0 and 300.
+        let mut want = vec![0, 0, 0, 70, 2, 0];
         want.extend([1; 32]);
         want.extend([2; 32]);
         want.extend([2, 0, 0xac, 0x02]);
@@ -334,8 +433,8 @@ mod tests {
         let wire = req.encode().unwrap();
         assert!(wire.len() - HEADER <= MAX_REQUEST_FRAME);
         // 65 indices, hand-encoded, are refused on decoding too.
-        let mut body = postcard::to_allocvec(&(VERSION, &req)).unwrap();
-        body[1 + 64] = 65;
+        let mut body = postcard::to_allocvec(&(VERSION, Ask::Chunks(req.clone()))).unwrap();
+        body[2 + 64] = 65;
         body.push(0);
         assert_eq!(
             Request::decode(&body),
@@ -354,9 +453,16 @@ mod tests {
         body.push(0);
         assert_eq!(Request::decode(&body), Err(DistributionError::Trailing(1)));
         body.pop();
-        body[0] = 2;
-        assert_eq!(Request::decode(&body), Err(DistributionError::Version(2)));
-        assert_eq!(Request::decode(&[1, 0]), Err(DistributionError::Decode));
+        body[0] = 1;
+        assert_eq!(Request::decode(&body), Err(DistributionError::Version(1)));
+        assert_eq!(Request::decode(&[2, 0]), Err(DistributionError::Decode));
+        let table = TableRequest {
+            session: [3; 32],
+            image_id: [4; 32],
+        };
+        let body = one_frame(&table.encode().unwrap(), MAX_REQUEST_FRAME);
+        assert_eq!(Ask::decode(&body).unwrap(), Ask::Table(table));
+        assert_eq!(Request::decode(&body), Err(DistributionError::Decode));
     }
 
     #[test]
@@ -366,8 +472,8 @@ mod tests {
             stored: b"stored".to_vec(),
         };
         let wire = chunk.encode().unwrap();
-        // length 9: version 1, variant 0, index 7, then the bytes as they are.
-        assert_eq!(wire, [&[0, 0, 0, 9, 1, 0, 7][..], b"stored"].concat());
+        // length 9: version 2, variant 0, index 7, then the bytes as they are.
+        assert_eq!(wire, [&[0, 0, 0, 9, 2, 0, 7][..], b"stored"].concat());
         for reply in [
             chunk,
             Reply::Chunk {
@@ -378,11 +484,17 @@ mod tests {
                 reason: "session ID unknown or expired".into(),
             },
             Reply::Done,
+            Reply::Table {
+                prefix_len: 3,
+                table_len: 2,
+                file_len: 99,
+                bytes: b"pretaFOOTER".to_vec(),
+            },
         ] {
             let body = one_frame(&reply.encode().unwrap(), MAX_REPLY_FRAME);
             assert_eq!(Reply::decode(body).unwrap(), reply);
         }
-        assert_eq!(Reply::Done.encode().unwrap(), [0, 0, 0, 2, 1, 2]);
+        assert_eq!(Reply::Done.encode().unwrap(), [0, 0, 0, 2, 2, 2]);
     }
 
     #[test]
@@ -406,10 +518,10 @@ mod tests {
             Err(DistributionError::ChunkTooLarge { index: 3, .. })
         ));
         assert_eq!(
-            Reply::decode(vec![1, 2, 0]),
+            Reply::decode(vec![2, 2, 0]),
             Err(DistributionError::Trailing(1))
         );
-        assert_eq!(Reply::decode(vec![1, 9]), Err(DistributionError::Decode));
+        assert_eq!(Reply::decode(vec![2, 9]), Err(DistributionError::Decode));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! `swarm.rs` runs many clients in one process to load-test a Controller.
 
 mod backoff;
+mod deploy;
 mod link;
 mod steps;
 pub mod swarm;
@@ -103,6 +104,11 @@ pub struct Stats {
 pub trait Hooks: Send + Sync {
     /// Takes the inventory again (the `Inventory` step).
     fn inventory(&self) -> Inventory;
+    /// The machine's root: `select` finds disks under `ROOT/sys` and
+    /// `ROOT/dev` (the `deploy` step).
+    fn root(&self) -> PathBuf {
+        PathBuf::from("/")
+    }
     /// Powers off or reboots, after the step's `Finished` went out. PID 1
     /// never returns from this; if it returns, `run` returns.
     fn power(&self, action: PowerAction);
@@ -119,6 +125,10 @@ pub struct LocalHooks {
 impl Hooks for LocalHooks {
     fn inventory(&self) -> Inventory {
         crate::inventory::collect(&self.root)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.root.clone()
     }
 
     fn power(&self, action: PowerAction) {

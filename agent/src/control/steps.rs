@@ -3,7 +3,8 @@
 //! One step runs at a time, on its own worker thread, so the connection can
 //! drop and come back while it runs. An `Offer` while idle is answered
 //! `Started` and run; while busy, `Busy` (or `Started` again if it is the
-//! step already running, as after a reconnect). `Cancel` stops a `Wait`.
+//! step already running, as after a reconnect). `Cancel` stops a `Wait`
+//! (a `Deploy`, `deploy.rs`, only before it starts writing).
 //! The worker's `Finished` goes out on whatever connection is current when
 //! it ends; if there is none, it waits in `State::unsent` for the next one.
 //! A power step is reported first; the connection loop powers off after.
@@ -21,8 +22,9 @@ use shoal_protocol::Inventory;
 use super::link::{Running, Shared, State, Unsent};
 use crate::settings::PowerAction;
 
-/// Stack of a step worker: steps do little on their own stack.
-const STACK: usize = 256 * 1024;
+/// Stack of a step worker: steps do little on their own stack (a deploy's
+/// buffers are on the heap).
+const STACK: usize = 512 * 1024;
 /// How often a `Wait` looks at its cancel flag.
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -136,6 +138,23 @@ fn work_step(
             succeeded("rebooting".into(), None),
             Some(PowerAction::Reboot),
         ),
+        Step::Deploy {
+            image,
+            disk,
+            service,
+            session,
+            image_id,
+        } => {
+            let order = super::deploy::Order {
+                image: &image,
+                disk: &disk,
+                service: &service,
+                session,
+                image_id,
+            };
+            let root = shared.hooks.root();
+            (super::deploy::run(shared, step, &root, order, cancel), None)
+        }
     };
     match &outcome {
         Outcome::Succeeded { output, .. } => {

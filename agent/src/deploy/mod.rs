@@ -13,8 +13,9 @@
 //! missing in `Written`, so a deploy resumes rather than restarts. At the end
 //! the disk is flushed and its partition table re-read.
 
-// Nothing calls this yet: the `deploy` job step will (see the report).
-#![allow(dead_code)]
+//! Before any of that, [`fetch_image`] gets the image's prefix, chunk table
+//! and footer from the service and accepts them only if the table hashes to
+//! the image ID the Controller sent over the authenticated control channel.
 
 #[cfg(test)]
 mod tests;
@@ -27,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use shoal_protocol::distribution::MAX_CHUNKS_PER_REQUEST;
-use shoal_protocol::distribution::{Decoder, DistributionError, Reply, Request};
-use shoal_protocol::image::{decode_chunk_into, ChunkError, Image};
+use shoal_protocol::distribution::{Decoder, DistributionError, Reply, Request, TableRequest};
+use shoal_protocol::image::{decode_chunk_into, ChunkError, Image, ImageError, FOOTER_LEN};
 
 use crate::disk::progress::{ProgressError, Rate, Written};
 use crate::disk::writer::{DiskWriter, WriteError};
@@ -141,6 +142,142 @@ pub enum ConnError {
     Protocol(#[source] DistributionError),
     #[error("service sent {got}, expected {want}")]
     Unexpected { got: String, want: String },
+}
+
+/// Why the image's table could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("distribution service {service}")]
+    Conn {
+        service: SocketAddr,
+        source: ConnError,
+    },
+    #[error("distribution service refused the session: {reason}")]
+    Refused { reason: String },
+    #[error("image table from {service} does not parse")]
+    Invalid {
+        service: SocketAddr,
+        source: ImageError,
+    },
+    #[error("image table from {service} is not image {want} (it hashes to {got})")]
+    Mismatch {
+        service: SocketAddr,
+        want: String,
+        got: String,
+    },
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Fetches image `image_id`'s prefix, chunk table and footer from the
+/// service and returns the parsed image, if its table's SHA-256 is
+/// `image_id` (the table is then as trusted as the channel `image_id` came
+/// over). Tries `cfg.retries + 1` times on connection errors.
+pub fn fetch_image(cfg: &DeployConfig, image_id: [u8; 32]) -> Result<Image, TableError> {
+    let service = cfg.service;
+    let mut attempt = 0u32;
+    loop {
+        let err = match fetch_once(cfg, image_id) {
+            Ok(Ok(image)) => return Ok(image),
+            Ok(Err(fatal)) => return Err(fatal),
+            Err(e) => e,
+        };
+        attempt += 1;
+        if attempt > cfg.retries {
+            return Err(TableError::Conn {
+                service,
+                source: err,
+            });
+        }
+        let wait = cfg
+            .backoff
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(BACKOFF_CAP);
+        warn!(
+            "deploy: distribution service {service}: {}; retrying in {wait:?}",
+            crate::modules::error_chain(&err)
+        );
+        std::thread::sleep(wait);
+    }
+}
+
+/// One try: `Err` is worth retrying, `Ok(Err)` is not.
+fn fetch_once(
+    cfg: &DeployConfig,
+    image_id: [u8; 32],
+) -> Result<Result<Image, TableError>, ConnError> {
+    let service = cfg.service;
+    let mut stream =
+        TcpStream::connect_timeout(&service, cfg.io_timeout).map_err(ConnError::Connect)?;
+    stream
+        .set_read_timeout(Some(cfg.io_timeout))
+        .map_err(ConnError::Io)?;
+    stream
+        .set_write_timeout(Some(cfg.io_timeout))
+        .map_err(ConnError::Io)?;
+    let req = TableRequest {
+        session: cfg.session,
+        image_id,
+    };
+    let frame = req.encode().map_err(ConnError::Protocol)?;
+    stream.write_all(&frame).map_err(ConnError::Io)?;
+    let mut decoder = Decoder::replies();
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let frame = loop {
+        if let Some(f) = decoder.next_frame().map_err(ConnError::Protocol)? {
+            break f;
+        }
+        let n = stream.read(&mut rbuf).map_err(ConnError::Io)?;
+        if n == 0 {
+            return Err(ConnError::Closed);
+        }
+        decoder.push(&rbuf[..n]);
+    };
+    let (prefix_len, table_len, file_len, bytes) =
+        match Reply::decode(frame).map_err(ConnError::Protocol)? {
+            Reply::Refused { reason } => return Ok(Err(TableError::Refused { reason })),
+            Reply::Table {
+                prefix_len,
+                table_len,
+                file_len,
+                bytes,
+            } => (prefix_len as usize, table_len, file_len, bytes),
+            other => {
+                return Err(ConnError::Unexpected {
+                    got: format!("{other:?}").chars().take(40).collect(),
+                    want: "the image table".into(),
+                })
+            }
+        };
+    let table_end = usize::try_from(table_len)
+        .ok()
+        .and_then(|t| prefix_len.checked_add(t))
+        .filter(|&e| e.checked_add(FOOTER_LEN) == Some(bytes.len()));
+    let Some(table_end) = table_end else {
+        return Err(ConnError::Unexpected {
+            got: format!("{} table bytes", bytes.len()),
+            want: format!("{prefix_len} + {table_len} + {FOOTER_LEN}"),
+        });
+    };
+    let image = match Image::parse(
+        &bytes[..prefix_len],
+        &bytes[prefix_len..table_end],
+        &bytes[table_end..],
+        file_len,
+    ) {
+        Ok(i) => i,
+        Err(source) => return Ok(Err(TableError::Invalid { service, source })),
+    };
+    if image.id != image_id {
+        return Ok(Err(TableError::Mismatch {
+            service,
+            want: hex(&image_id),
+            got: image.id_hex(),
+        }));
+    }
+    Ok(Ok(image))
 }
 
 /// A byte count for people: "64.0 MiB".
@@ -402,6 +539,15 @@ fn pull<F: FnMut(Progress)>(
                 return Err(ConnError::Unexpected {
                     got: "the end of a request".into(),
                     want: format!("chunk {}", front[0]),
+                }
+                .into())
+            }
+            Reply::Table { .. } => {
+                return Err(ConnError::Unexpected {
+                    got: "an image table".into(),
+                    want: front
+                        .front()
+                        .map_or("the end of a request".into(), |i| format!("chunk {i}")),
                 }
                 .into())
             }

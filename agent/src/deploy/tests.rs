@@ -343,3 +343,34 @@ fn cut_connection_resumes_without_refetching_written_chunks() {
     assert_eq!(first.len() + seen.requested[1].len(), data_chunks(&image));
     assert_eq!(report.chunks_fetched as usize, data_chunks(&image));
 }
+
+#[test]
+fn the_table_is_fetched_and_accepted_only_under_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image, _) = build_image(dir.path());
+    let dist = Distribution::new();
+    dist.register(
+        SESSION,
+        path,
+        image.clone(),
+        Instant::now() + Duration::from_secs(60),
+    );
+    let addr = start_service(&dist);
+    let got = fetch_image(&config(addr, SESSION), image.id).unwrap();
+    assert_eq!(got, image);
+
+    // Another ID: the service refuses it for this session (and a service
+    // that sent the table anyway would fail the hash check).
+    let mut other = image.id;
+    other[0] ^= 1;
+    match fetch_image(&config(addr, SESSION), other) {
+        Err(TableError::Refused { reason }) => assert!(reason.contains("image ID"), "{reason}"),
+        r => panic!("{r:?}"),
+    }
+    match fetch_image(&config(addr, [9; 32]), image.id) {
+        Err(TableError::Refused { reason }) => {
+            assert!(reason.contains("unknown or expired"), "{reason}")
+        }
+        r => panic!("{r:?}"),
+    }
+}

@@ -3,7 +3,7 @@
 //! flushing and re-reading the partition table (`writer`), and keeping track
 //! of what is written and how fast (`progress`). All raw calls are in `sys`.
 
-// Nothing calls this yet: the deploy step (issue 4) will use it.
+// Some helpers are used only by tests and the benchmark so far.
 #![allow(dead_code)]
 
 pub mod progress;

@@ -19,7 +19,9 @@
 //! absolute and read or written by the Controller itself: `shoalctl` runs
 //! on the Controller's host (the admin API is on loopback).
 //!
-//! STEP is `echo:TEXT`, `inventory`, `wait:SECS`, `reboot` or `poweroff`.
+//! STEP is `echo:TEXT`, `inventory`, `wait:SECS`, `reboot`, `poweroff` or
+//! `deploy:GROUP/NAME@DISK` (DISK: `auto`, `serial=S`, `wwn=W`, `name=N`,
+//! `path=P`, `file=F`).
 //! Human tables by default, `--json` for scripts. Exit status 1 on any
 //! error, and from `jobs run --wait` when the job did not succeed.
 
@@ -221,10 +223,11 @@ enum JobsCmd {
         /// Wait up to SECS for the job to end; exit 1 unless it succeeded.
         #[arg(long, value_name = "SECS")]
         wait: Option<u64>,
-        /// Who is asking (default: $USER).
+        /// Whom the job is for (admin tokens only; default: the caller).
+        /// A deploy step runs with this user's image rights.
         #[arg(long)]
         by: Option<String>,
-        /// echo:TEXT, inventory, wait:SECS, reboot, poweroff
+        /// echo:TEXT, inventory, wait:SECS, reboot, poweroff, deploy:GROUP/NAME@DISK
         #[arg(value_name = "STEP", required = true)]
         steps: Vec<String>,
     },
@@ -336,14 +339,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 .map(|s| StepSpec::parse_cli(s))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
-            let created_by = by
-                .clone()
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "shoalctl".into());
+            // Without --by the job is the caller's: a deploy is checked
+            // against the rights of whoever the token belongs to.
             let new = NewJob {
                 devices: devices.clone(),
                 steps,
-                created_by: Some(created_by),
+                created_by: by.clone(),
             };
             let job = c.create_job(&new).map_err(err)?;
             let Some(secs) = wait else {

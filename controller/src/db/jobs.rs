@@ -18,6 +18,8 @@ pub struct NextStep {
     pub step: u32,
     pub spec: StepSpec,
     pub timeout_ms: u32,
+    /// The user who created the job (a deploy runs with their rights).
+    pub created_by: String,
 }
 
 /// How a step ended.
@@ -218,8 +220,9 @@ impl Db {
         }
         self.conn
             .query_row(
-                "SELECT job, step, args, timeout_ms FROM job_steps
-                 WHERE device = ?1 AND state = 'queued' ORDER BY job, step LIMIT 1",
+                "SELECT s.job, s.step, s.args, s.timeout_ms, j.created_by
+                 FROM job_steps s JOIN jobs j ON j.id = s.job
+                 WHERE s.device = ?1 AND s.state = 'queued' ORDER BY s.job, s.step LIMIT 1",
                 [device],
                 |r| {
                     Ok(NextStep {
@@ -227,6 +230,7 @@ impl Db {
                         step: r.get(1)?,
                         spec: json_col(r, 2)?,
                         timeout_ms: r.get(3)?,
+                        created_by: r.get(4)?,
                     })
                 },
             )

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use shoal_protocol::distribution::{self as wire, Decoder, DistributionError, Reply, Request};
-use shoal_protocol::image::{ChunkEntry, Image};
+use shoal_protocol::distribution::{self as wire, Ask, Decoder, DistributionError, Reply, Request};
+use shoal_protocol::image::{ChunkEntry, Footer, Image, FOOTER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -185,8 +185,50 @@ impl Distribution {
                 }
                 Err(source) => return Err(ServeError::Protocol { peer, source }),
             };
-            let req =
-                Request::decode(&frame).map_err(|source| ServeError::Protocol { peer, source })?;
+            let ask =
+                Ask::decode(&frame).map_err(|source| ServeError::Protocol { peer, source })?;
+            let req = match ask {
+                Ask::Chunks(req) => req,
+                Ask::Table(t) => {
+                    let probe = Request {
+                        session: t.session,
+                        image_id: t.image_id,
+                        chunks: vec![],
+                    };
+                    let path = match self.admit(&probe, Instant::now()) {
+                        Ok((path, _)) => path,
+                        Err(reason) => {
+                            refuse(&mut stream, &reason).await;
+                            return Err(ServeError::Refused {
+                                peer,
+                                session: short(&t.session),
+                                reason,
+                            });
+                        }
+                    };
+                    let p = path.clone();
+                    let reply = match tokio::task::spawn_blocking(move || read_table(&p)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(source)) => {
+                            refuse(&mut stream, "image file unreadable on the Controller").await;
+                            return Err(ServeError::ImageFile {
+                                path,
+                                index: 0,
+                                source,
+                            });
+                        }
+                        Err(join) => {
+                            return Err(ServeError::ImageFile {
+                                path,
+                                index: 0,
+                                source: io::Error::other(join),
+                            })
+                        }
+                    };
+                    stream.write_all(&reply).await.map_err(io_err)?;
+                    continue;
+                }
+            };
             let (path, image) = match self.admit(&req, Instant::now()) {
                 Ok(x) => x,
                 Err(reason) => {
@@ -249,6 +291,38 @@ impl Distribution {
             stream.write_all(&done).await.map_err(io_err)?;
         }
     }
+}
+
+/// The `Reply::Table` frame for the image file at `path`: its prefix, chunk
+/// table and footer (the agent parses and checks them; they are not
+/// trusted here).
+fn read_table(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let bad = |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    if file_len < FOOTER_LEN as u64 {
+        return Err(bad(&"shorter than a footer"));
+    }
+    let mut footer = [0u8; FOOTER_LEN];
+    file.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)?;
+    let parsed = Footer::parse(&footer).map_err(|e| bad(&e))?;
+    let table = parsed.table_range(file_len).map_err(|e| bad(&e))?;
+    let mut preamble = [0u8; shoal_protocol::image::PREAMBLE_LEN];
+    file.read_exact_at(&mut preamble, 0)?;
+    let prefix_len = shoal_protocol::image::prefix_len(&preamble).map_err(|e| bad(&e))?;
+    let table_len = table.end - table.start;
+    let mut bytes = vec![0u8; prefix_len + table_len as usize];
+    file.read_exact_at(&mut bytes[..prefix_len], 0)?;
+    file.read_exact_at(&mut bytes[prefix_len..], table.start)?;
+    bytes.extend_from_slice(&footer);
+    Reply::Table {
+        prefix_len: prefix_len as u32,
+        table_len,
+        file_len,
+        bytes,
+    }
+    .encode()
+    .map_err(|e| bad(&e))
 }
 
 /// Reads one chunk's stored bytes into a whole reply frame, on the blocking
