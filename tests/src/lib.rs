@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 pub mod client;
+pub mod labimage;
 pub mod netns;
 pub mod proc;
 pub mod proxy;

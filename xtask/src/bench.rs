@@ -8,6 +8,11 @@
 //!   real control client, `shoal-agent swarm`, as threads of one process)
 //!   beating every second: how many it holds, at what CPU and memory cost,
 //!   and the bytes one heartbeat costs on the wire.
+//! - `deploy`: one Controller on a bridge and one agent (an ordinary process
+//!   in its own network namespace) deploying a `--size-mib` image (1/3
+//!   random, 1/3 compressible text, 1/3 zeros) into a file at each
+//!   compression level, against a raw TCP copy of the same bytes (socat into
+//!   `dd oflag=direct conv=fsync`) between the same two namespaces.
 
 use std::time::Duration;
 
@@ -30,6 +35,9 @@ pub struct BenchArgs {
     /// heartbeats: seconds to measure each size for, after all registered.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// deploy: size of the source image in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
@@ -38,6 +46,7 @@ pub struct BenchArgs {
 pub enum What {
     Boot,
     Heartbeats,
+    Deploy,
 }
 
 pub fn median(v: &mut [f64]) -> f64 {
@@ -57,6 +66,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Boot => boot(args),
         What::Heartbeats => heartbeats(args),
+        What::Deploy => deploy(args),
     }
 }
 
@@ -201,5 +211,382 @@ fn heartbeats(args: &BenchArgs) -> anyhow::Result<()> {
         swarm.kill();
         let _ = swarm.log();
     }
+    Ok(())
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `target/shoal/bench`, created.
+fn bench_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::util::root().join("target"))
+        .join("shoal/bench");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Writes (or reuses) a deterministic `size_mib` MiB source image: 8 MiB
+/// segments cycling random bytes, log-like text, and zeros.
+fn deploy_source(path: &std::path::Path, size_mib: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size_mib * MIB) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("partial");
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut line_no: u64 = 0;
+    let mut block = vec![0u8; MIB as usize];
+    let mut text = String::new();
+    for mib in 0..size_mib {
+        match (mib / 8) % 3 {
+            0 => {
+                for w in block.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            1 => {
+                text.clear();
+                while text.len() < block.len() {
+                    line_no += 1;
+                    text.push_str(&format!(
+                        "2026-04-20 10:{:02}:{:02} host-{:04} kernel: [{:>8}.{:03}] eth0: link up, 1000 Mbps full duplex, seq {line_no}\n",
+                        (line_no / 60) % 60,
+                        line_no % 60,
+                        line_no % 97,
+                        line_no / 7,
+                        line_no % 1000
+                    ));
+                }
+                let n = block.len();
+                block.copy_from_slice(&text.as_bytes()[..n]);
+            }
+            _ => block.fill(0),
+        }
+        out.write_all(&block)?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A fresh target file of `len` bytes (sparse), replacing any old one.
+fn fresh_target(path: &std::path::Path, len: u64) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path)?.set_len(len)?;
+    Ok(())
+}
+
+/// Fails unless `target` starts with exactly the bytes of `source`.
+fn same_bytes(source: &std::path::Path, target: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let (mut a, mut b) = (std::fs::File::open(source)?, std::fs::File::open(target)?);
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut at = 0u64;
+    loop {
+        let n = read_full(&mut a, &mut ba)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let m = read_full(&mut b, &mut bb[..n])?;
+        anyhow::ensure!(m == n, "{} is short at byte {at}", target.display());
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+            anyhow::bail!(
+                "{} differs from {} at byte {}",
+                target.display(),
+                source.display(),
+                at + i as u64
+            );
+        }
+        at += n as u64;
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Parses the output of `sh -c '...; times'`: the second line is the user
+/// and system time of the shell's children (`0m1.234s 0m0.567s`).
+fn times_cpu(out: &str) -> f64 {
+    let secs = |t: &str| -> f64 {
+        let t = t.trim().trim_end_matches('s');
+        match t.split_once('m') {
+            Some((m, s)) => m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0),
+            None => t.parse().unwrap_or(0.0),
+        }
+    };
+    out.lines()
+        .filter(|l| l.contains('m') && l.trim_end().ends_with('s'))
+        .nth(1)
+        .map_or(f64::NAN, |l| l.split_whitespace().map(secs).sum())
+}
+
+/// The `in S s (` seconds from an agent's `wrote X MiB to T in S s (R MiB/s)`.
+fn wrote_secs(line: &str) -> Option<f64> {
+    let rest = &line[line.find("wrote ")?..];
+    let after = &rest[rest.find(" in ")? + 4..];
+    after.split_whitespace().next()?.parse().ok()
+}
+
+fn ensure_socat() -> anyhow::Result<()> {
+    let have = |p: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("socat") {
+        println!("  (installing socat with apt-get)");
+        let st = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q", "socat"])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success() && have("socat"), "socat is missing and apt-get could not install it");
+    }
+    anyhow::ensure!(have("dd"), "dd is missing");
+    Ok(())
+}
+
+/// Builds the Controller and shoalctl with the release profile (the bench
+/// measures the data path; the tests use debug builds).
+fn release_controller_bins() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::util::run(std::process::Command::new(cargo).current_dir(crate::util::root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "shoal-controller",
+        "--bins",
+    ]))?;
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::util::root().join("target"))
+        .join("release");
+    Ok((dir.join("shoal-controller"), dir.join("shoalctl")))
+}
+
+#[derive(Default)]
+struct Samples {
+    mibps: Vec<f64>,
+    /// Rate from the agent's own timing (its "wrote ... in S s" line).
+    agent_mibps: Vec<f64>,
+    /// CPU seconds per GiB: Controller / sender, agent / receiver.
+    send_cpu: Vec<f64>,
+    recv_cpu: Vec<f64>,
+}
+
+fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
+    use shoal_tests::site::{Controller, FakeMachine, Lan};
+
+    ensure_socat()?;
+    let agent_bin = agent::build()?;
+    let (controller, shoalctl) = release_controller_bins()?;
+    std::env::set_var("SHOAL_CONTROLLER", &controller);
+    std::env::set_var("SHOALCTL", &shoalctl);
+    std::env::set_var("SHOAL_AGENT", &agent_bin);
+    if std::env::var_os("SHOAL_LOG").is_none() {
+        std::env::set_var("SHOAL_LOG", "info");
+    }
+
+    let size_mib = args.size_mib.max(1);
+    let bytes = size_mib * MIB;
+    let dir = bench_dir()?;
+    let src = dir.join(format!("deploy-source-{size_mib}MiB.img"));
+    let t = std::time::Instant::now();
+    deploy_source(&src, size_mib)?;
+    println!(
+        "bench deploy: {size_mib} MiB source ({}; 1/3 random, 1/3 log text, 1/3 zeros in 8 MiB runs) ready in {:.1} s; {} runs per level; release Controller, agent profile `agent`",
+        src.display(),
+        t.elapsed().as_secs_f64(),
+        args.runs
+    );
+
+    let mut lan = Lan::new();
+    let state = tempfile::tempdir_in(&dir)?;
+    let listen = format!("{}:7000", lan.gateway());
+    let ctl = Controller::start(state.path(), Some(&lan.ns), &listen, 7100, &[]);
+    let cmdline = ctl.agent_cmdline();
+    let machine = FakeMachine::new(1, size_mib * 2);
+    let h = lan.add_host(10);
+    let host_ip = format!("10.88.{}.10", lan.subnet);
+    let mut agent = machine.agent("agent", Some(&lan.hosts[h]), &cmdline);
+    agent.expect("registered with controller", Duration::from_secs(30));
+    let (cpid, apid) = (ctl.proc.pid(), agent.pid());
+    for (pid, want) in [(cpid, "shoal-controlle"), (apid, "shoal-agent")] {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        anyhow::ensure!(
+            comm.trim() == want,
+            "pid {pid} is {comm:?}, not {want}: CPU would be measured on the wrong process"
+        );
+    }
+
+    // Images: one group per compression level.
+    let levels = ["none", "fast", "max"];
+    println!("  image add        stored     ratio   add time");
+    for level in levels {
+        let group = format!("bench-{level}");
+        ctl.ctl_ok(&["image", "group", "create", &group]);
+        let t = std::time::Instant::now();
+        let out = ctl.ctl_ok(&[
+            "--json",
+            "image",
+            "add",
+            &group,
+            src.to_str().unwrap(),
+            "--name",
+            "disk",
+            "--compression",
+            level,
+        ]);
+        let secs = t.elapsed().as_secs_f64();
+        let stored = out
+            .split("\"stored_size\"")
+            .nth(1)
+            .and_then(|r| {
+                r.trim_start_matches([':', ' '])
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .ok_or_else(|| anyhow::anyhow!("no stored_size in `image add --json`:\n{out}"))?;
+        println!(
+            "  {level:<6} {:>12.1} MiB {:>7.1} % {secs:>8.2} s ({:.0} MiB/s)",
+            stored as f64 / MIB as f64,
+            100.0 * stored as f64 / bytes as f64,
+            size_mib as f64 / secs
+        );
+    }
+
+    let target = dir.join("deploy-target.img");
+    let mut shoal: Vec<(&str, Samples)> = levels.iter().map(|l| (*l, Samples::default())).collect();
+    let mut raw = Samples::default();
+    let port = 7300;
+    for run in 1..=args.runs {
+        for (level, s) in shoal.iter_mut() {
+            fresh_target(&target, bytes)?;
+            let step = format!("deploy:bench-{level}/disk@file={}", target.display());
+            let (c0, a0) = (cpu_seconds(cpid), cpu_seconds(apid));
+            let t0 = std::time::Instant::now();
+            let (line, out) = std::thread::scope(|sc| {
+                let job = sc.spawn(|| {
+                    ctl.ctl(&["jobs", "run", "--device", &machine.uuid, "--wait", "3600", &step])
+                });
+                // The agent logs "deploy (...) succeeded: wrote ..." when done:
+                // finer than shoalctl's 250 ms polling.
+                let line = agent.try_expect("succeeded: wrote", Duration::from_secs(3600));
+                (line.map(|l| (l, t0.elapsed().as_secs_f64())), job.join())
+            });
+            let wall_end = t0.elapsed().as_secs_f64();
+            let (c1, a1) = (cpu_seconds(cpid), cpu_seconds(apid));
+            let out = out.map_err(|_| anyhow::anyhow!("shoalctl thread panicked"))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            anyhow::ensure!(
+                out.status.success() && line.is_some(),
+                "deploy at {level} failed:\n{stdout}\n{}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                shoal_tests::proc::tail(&agent.log(), 3000)
+            );
+            let (line, wall) = line.unwrap_or_default();
+            let wall = if wall > 0.0 { wall } else { wall_end };
+            let mibps = size_mib as f64 / wall;
+            let agent_rate = wrote_secs(&line).map_or(f64::NAN, |s| size_mib as f64 / s.max(0.05));
+            let gib = bytes as f64 / GIB;
+            s.mibps.push(mibps);
+            s.agent_mibps.push(agent_rate);
+            s.send_cpu.push((c1 - c0) / gib);
+            s.recv_cpu.push((a1 - a0) / gib);
+            println!(
+                "  run {run} shoal {level:<4}: {wall:.2} s from submission = {mibps:.0} MiB/s (agent's own timing {agent_rate:.0} MiB/s); CPU controller {:.2} s, agent {:.2} s",
+                c1 - c0,
+                a1 - a0
+            );
+            if run == 1 {
+                same_bytes(&src, &target)?;
+            }
+        }
+
+        // The anchor: the same bytes over one TCP connection between the
+        // same two namespaces, written with O_DIRECT and fsync'd (as the
+        // agent writes: O_DIRECT, then fsync).
+        fresh_target(&target, bytes)?;
+        let recv_sh = format!(
+            "socat -u TCP-LISTEN:{port},reuseaddr STDOUT | dd of={} bs=4M iflag=fullblock oflag=direct conv=notrunc,fsync status=none; times",
+            target.display()
+        );
+        let send_sh = format!(
+            "socat -u FILE:{} TCP:{host_ip}:{port},retry=100,interval=0.05; times",
+            src.display()
+        );
+        let mut recv = lan.hosts[h].command("sh");
+        recv.args(["-c", &recv_sh])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let recv = recv.spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let sender = lan.ns.command("sh").args(["-c", &send_sh]).output()?;
+        let recv = recv.wait_with_output()?;
+        let wall = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            sender.status.success() && recv.status.success(),
+            "raw copy failed: sender {}: {}; receiver {}: {}",
+            sender.status,
+            String::from_utf8_lossy(&sender.stderr),
+            recv.status,
+            String::from_utf8_lossy(&recv.stderr)
+        );
+        let scpu = times_cpu(&String::from_utf8_lossy(&sender.stdout));
+        let rcpu = times_cpu(&String::from_utf8_lossy(&recv.stdout));
+        if run == 1 {
+            same_bytes(&src, &target)?;
+        }
+        let gib = bytes as f64 / GIB;
+        let mibps = size_mib as f64 / wall;
+        raw.mibps.push(mibps);
+        raw.agent_mibps.push(mibps);
+        raw.send_cpu.push(scpu / gib);
+        raw.recv_cpu.push(rcpu / gib);
+        println!("  run {run} raw copy  : {wall:.2} s = {mibps:.0} MiB/s; CPU sender {scpu:.2} s, receiver {rcpu:.2} s");
+    }
+    let _ = std::fs::remove_file(&target);
+
+    let raw_rate = median(&mut raw.mibps);
+    let (rs, rr) = (median(&mut raw.send_cpu), median(&mut raw.recv_cpu));
+    println!();
+    println!("  {size_mib} MiB image, medians of {} runs (MiB/s; CPU s per GiB of image)", args.runs);
+    println!("  what              MiB/s  (agent)  vs raw   CPU send   CPU recv");
+    for (level, s) in shoal.iter_mut() {
+        let r = median(&mut s.mibps);
+        println!(
+            "  shoal {level:<10} {r:>6.0}  {:>7.0}  {:>6.2}x  {:>9.2}  {:>9.2}",
+            median(&mut s.agent_mibps),
+            r / raw_rate,
+            median(&mut s.send_cpu),
+            median(&mut s.recv_cpu)
+        );
+    }
+    println!(
+        "  raw socat|dd     {raw_rate:>6.0}  {:>7}  {:>6.2}x  {rs:>9.2}  {rr:>9.2}",
+        "-", 1.0
+    );
+    println!("  (shoal: submission to the agent's \"succeeded\" line, CPU of the Controller and agent processes;");
+    println!("   raw: socat FILE -> TCP -> socat | dd oflag=direct conv=fsync, CPU of sender / receiver pipelines;");
+    println!("   both write the target with O_DIRECT and fsync before done; the source is in the page cache)");
     Ok(())
 }
