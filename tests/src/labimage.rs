@@ -20,13 +20,30 @@ pub const FILES: &[(&str, &str)] = &[
 
 fn run(cmd: &mut Command, stdin: Option<&str>) {
     use std::io::Write;
-    cmd.stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
-    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    cmd.stdin(if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Builds `dir/lab.img`: `size_mib` MiB, GPT, one Linux partition from
@@ -35,8 +52,14 @@ pub fn build(dir: &Path, size_mib: u64) -> PathBuf {
     let sfdisk = require_program("sfdisk", "fdisk");
     let mkfs = require_program("mkfs.ext4", "e2fsprogs");
     let img = dir.join("lab.img");
-    std::fs::File::create(&img).unwrap().set_len(size_mib << 20).unwrap();
-    run(Command::new(sfdisk).arg("-q").arg(&img), Some("label: gpt\nstart=2048, type=L, name=shoal-root\n"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(size_mib << 20)
+        .unwrap();
+    run(
+        Command::new(sfdisk).arg("-q").arg(&img),
+        Some("label: gpt\nstart=2048, type=L, name=shoal-root\n"),
+    );
     let tree = dir.join("tree");
     for (name, text) in FILES {
         let p = tree.join(name);
@@ -47,7 +70,15 @@ pub fn build(dir: &Path, size_mib: u64) -> PathBuf {
     let fs_mib = size_mib - 2;
     run(
         Command::new(mkfs)
-            .args(["-q", "-F", "-L", "shoal-root", "-E", &format!("offset={PARTITION_OFFSET}"), "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "shoal-root",
+                "-E",
+                &format!("offset={PARTITION_OFFSET}"),
+                "-d",
+            ])
             .arg(&tree)
             .arg(&img)
             .arg(format!("{fs_mib}M")),
@@ -62,11 +93,21 @@ pub fn read_files(disk: &Path) -> Vec<(String, String)> {
     crate::require_root("mounting the deployed ext4 partition");
     let losetup = require_program("losetup", "mount");
     let out = Command::new(&losetup)
-        .args(["--find", "--show", "--read-only", "--offset", &PARTITION_OFFSET.to_string()])
+        .args([
+            "--find",
+            "--show",
+            "--read-only",
+            "--offset",
+            &PARTITION_OFFSET.to_string(),
+        ])
         .arg(disk)
         .output()
         .unwrap();
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     struct Loop(String, PathBuf);
     impl Drop for Loop {
@@ -77,11 +118,21 @@ pub fn read_files(disk: &Path) -> Vec<(String, String)> {
     }
     let mnt = tempfile::tempdir().unwrap();
     let guard = Loop(dev.clone(), mnt.path().to_owned());
-    let st = Command::new("mount").args(["-t", "ext4", "-o", "ro,noload"]).arg(&dev).arg(mnt.path()).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "ext4", "-o", "ro,noload"])
+        .arg(&dev)
+        .arg(mnt.path())
+        .status()
+        .unwrap();
     assert!(st.success(), "mount {dev} failed");
     let files = FILES
         .iter()
-        .map(|(name, _)| (name.to_string(), std::fs::read_to_string(mnt.path().join(name)).unwrap_or_else(|e| format!("<{e}>"))))
+        .map(|(name, _)| {
+            (
+                name.to_string(),
+                std::fs::read_to_string(mnt.path().join(name)).unwrap_or_else(|e| format!("<{e}>")),
+            )
+        })
         .collect();
     drop(guard);
     files

@@ -107,36 +107,82 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
     let _dhcp = Dnsmasq::start(
         &lan.ns,
         "br0",
-        &[format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"), format!("--dhcp-option=option:router,{net}.1")],
+        &[
+            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
+            format!("--dhcp-option=option:router,{net}.1"),
+        ],
     );
     let state = tempfile::tempdir().unwrap();
-    let ctl = Controller::start(state.path(), Some(&lan.ns), &format!("{net}.1:7000"), 7100, &[]);
+    let ctl = Controller::start(
+        state.path(),
+        Some(&lan.ns),
+        &format!("{net}.1:7000"),
+        7100,
+        &[],
+    );
     ctl.ctl_ok(&["image", "group", "create", "lab"]);
-    let added = ctl.ctl_ok(&["image", "add", "lab", source.to_str().unwrap(), "--name", "ext4", "--compression", "fast"]);
+    let added = ctl.ctl_ok(&[
+        "image",
+        "add",
+        "lab",
+        source.to_str().unwrap(),
+        "--name",
+        "ext4",
+        "--compression",
+        "fast",
+    ]);
     eprintln!("{added}");
 
     // Two blank disks: only the 64 MiB one can hold the 48 MiB image, so
     // `auto` has exactly one candidate.
     let big = work.path().join("big.img");
     let small = work.path().join("small.img");
-    std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
-    std::fs::File::create(&small).unwrap().set_len(32 << 20).unwrap();
-    let tap = lan.add_tap();
-    let mut vm = VmBuilder::new(artefact("SHOAL_KERNEL_IMAGE"), artefact("SHOAL_INITRAMFS_LAB"))
-        .name("deploy")
-        .netns(lan.ns.name())
-        .smbios("5a0b7c1e-0000-4000-8000-0000000000d1", "SHOAL-DEPLOY-1")
-        .disk(&big, Some("target-disk"))
-        .disk(&small, Some("small-disk"))
-        .nic("52:54:00:00:00:d1", NetBackend::Tap(tap))
-        .append(&ctl.agent_cmdline())
-        .start()
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
         .unwrap();
-    vm.console().expect("registered with controller", BOOT).unwrap();
-    let out = ctl.ctl(&["jobs", "run", "--device", "all", "--wait", "300", "deploy:lab/ext4@auto", "poweroff"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let tap = lan.add_tap();
+    let mut vm = VmBuilder::new(
+        artefact("SHOAL_KERNEL_IMAGE"),
+        artefact("SHOAL_INITRAMFS_LAB"),
+    )
+    .name("deploy")
+    .netns(lan.ns.name())
+    .smbios("5a0b7c1e-0000-4000-8000-0000000000d1", "SHOAL-DEPLOY-1")
+    .disk(&big, Some("target-disk"))
+    .disk(&small, Some("small-disk"))
+    .nic("52:54:00:00:00:d1", NetBackend::Tap(tap))
+    .append(&ctl.agent_cmdline())
+    .start()
+    .unwrap();
+    vm.console()
+        .expect("registered with controller", BOOT)
+        .unwrap();
+    let out = ctl.ctl(&[
+        "jobs",
+        "run",
+        "--device",
+        "all",
+        "--wait",
+        "300",
+        "deploy:lab/ext4@auto",
+        "poweroff",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("{text}");
-    assert!(out.status.success(), "deploy job failed:\n{text}\nconsole:\n{}", vm.console().tail(3000));
+    assert!(
+        out.status.success(),
+        "deploy job failed:\n{text}\nconsole:\n{}",
+        vm.console().tail(3000)
+    );
     assert!(text.contains("wrote 48.0 MiB to"), "{text}");
     vm.console().expect("powering off", BOOT).unwrap();
     let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
@@ -145,11 +191,23 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
     // Byte for byte over the image's length, and nothing written past it.
     let want = std::fs::read(&source).unwrap();
     let got = std::fs::read(&big).unwrap();
-    assert!(got[..want.len()] == want[..], "the deployed disk differs from the source image");
-    assert!(got[want.len()..].iter().all(|&b| b == 0), "bytes past the image were written");
-    assert!(std::fs::read(&small).unwrap().iter().all(|&b| b == 0), "the small disk was touched");
+    assert!(
+        got[..want.len()] == want[..],
+        "the deployed disk differs from the source image"
+    );
+    assert!(
+        got[want.len()..].iter().all(|&b| b == 0),
+        "bytes past the image were written"
+    );
+    assert!(
+        std::fs::read(&small).unwrap().iter().all(|&b| b == 0),
+        "the small disk was touched"
+    );
     // And the ext4 partition mounts and holds the known files.
-    for ((name, content), (want_name, want_text)) in shoal_tests::labimage::read_files(&big).iter().zip(shoal_tests::labimage::FILES) {
+    for ((name, content), (want_name, want_text)) in shoal_tests::labimage::read_files(&big)
+        .iter()
+        .zip(shoal_tests::labimage::FILES)
+    {
         assert_eq!((name.as_str(), content.as_str()), (*want_name, *want_text));
     }
 }

@@ -296,7 +296,11 @@ fn same_bytes(source: &std::path::Path, target: &std::path::Path) -> anyhow::Res
         let m = read_full(&mut b, &mut bb[..n])?;
         anyhow::ensure!(m == n, "{} is short at byte {at}", target.display());
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
             anyhow::bail!(
                 "{} differs from {} at byte {}",
                 target.display(),
@@ -325,7 +329,9 @@ fn times_cpu(out: &str) -> f64 {
     let secs = |t: &str| -> f64 {
         let t = t.trim().trim_end_matches('s');
         match t.split_once('m') {
-            Some((m, s)) => m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0),
+            Some((m, s)) => {
+                m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0)
+            }
             None => t.parse().unwrap_or(0.0),
         }
     };
@@ -355,7 +361,10 @@ fn ensure_socat() -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "socat"])
             .stdout(std::process::Stdio::null())
             .status()?;
-        anyhow::ensure!(st.success() && have("socat"), "socat is missing and apt-get could not install it");
+        anyhow::ensure!(
+            st.success() && have("socat"),
+            "socat is missing and apt-get could not install it"
+        );
     }
     anyhow::ensure!(have("dd"), "dd is missing");
     Ok(())
@@ -365,14 +374,18 @@ fn ensure_socat() -> anyhow::Result<()> {
 /// measures the data path; the tests use debug builds).
 fn release_controller_bins() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::util::run(std::process::Command::new(cargo).current_dir(crate::util::root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "--package",
-        "shoal-controller",
-        "--bins",
-    ]))?;
+    crate::util::run(
+        std::process::Command::new(cargo)
+            .current_dir(crate::util::root())
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--package",
+                "shoal-controller",
+                "--bins",
+            ]),
+    )?;
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| crate::util::root().join("target"))
@@ -485,7 +498,15 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
             let t0 = std::time::Instant::now();
             let (line, out) = std::thread::scope(|sc| {
                 let job = sc.spawn(|| {
-                    ctl.ctl(&["jobs", "run", "--device", &machine.uuid, "--wait", "3600", &step])
+                    ctl.ctl(&[
+                        "jobs",
+                        "run",
+                        "--device",
+                        &machine.uuid,
+                        "--wait",
+                        "3600",
+                        &step,
+                    ])
                 });
                 // The agent logs "deploy (...) succeeded: wrote ..." when done:
                 // finer than shoalctl's 250 ms polling.
@@ -569,7 +590,10 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
     let raw_rate = median(&mut raw.mibps);
     let (rs, rr) = (median(&mut raw.send_cpu), median(&mut raw.recv_cpu));
     println!();
-    println!("  {size_mib} MiB image, medians of {} runs (MiB/s; CPU s per GiB of image)", args.runs);
+    println!(
+        "  {size_mib} MiB image, medians of {} runs (MiB/s; CPU s per GiB of image)",
+        args.runs
+    );
     println!("  what              MiB/s  (agent)  vs raw   CPU send   CPU recv");
     for (level, s) in shoal.iter_mut() {
         let r = median(&mut s.mibps);

@@ -1,8 +1,11 @@
 //! `cargo xtask lab`: build everything, start a Controller on the host and
 //! boot two agents in QEMU on one shared L2 segment — tap devices on a
 //! bridge inside a network namespace the lab creates, with `dnsmasq
-//! --no-ping` serving DHCP there. Both check in; the lab runs a small job
-//! (`echo`, then `poweroff`) on both, prints the result table and exits.
+//! --no-ping` serving DHCP there. Both check in; the lab builds a small
+//! real disk image (GPT, ext4 partition with known files), adds it to the
+//! store, runs a job (`echo`, `deploy` of that image to the disk `auto`
+//! picks, `poweroff`) on both, prints the result table, and shows the files
+//! on agent1's deployed disk. It exits when done.
 //! The guests' serial consoles stream here, each line prefixed by its name.
 //!
 //! `--single` boots one agent on QEMU's user network instead (no root
@@ -151,6 +154,26 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // The lab image: GPT with an ext4 partition holding known files.
+    let image_dir = util::out_dir().join("lab").join("image");
+    let _ = std::fs::remove_dir_all(&image_dir);
+    std::fs::create_dir_all(&image_dir)?;
+    let source = shoal_tests::labimage::build(&image_dir, 48);
+    let _ = ctl.ctl(&["image", "group", "create", "lab"]);
+    let _ = ctl.ctl(&["image", "remove", "lab/demo"]);
+    println!(
+        "lab: {}",
+        ctl.ctl_ok(&[
+            "image",
+            "add",
+            "lab",
+            &source.display().to_string(),
+            "--name",
+            "demo"
+        ])
+        .trim()
+    );
+
     let started = Instant::now();
     let out = ctl.ctl(&[
         "jobs",
@@ -160,6 +183,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         "--wait",
         &args.timeout.to_string(),
         "echo:hello from the Shoal lab",
+        "deploy:lab/demo@auto",
         "poweroff",
     ]);
     let run_out = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -175,7 +199,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         })
         .context("shoalctl printed no job id")?;
     println!(
-        "\nlab: job {job} (echo, poweroff) took {:.1} s:\n{}",
+        "\nlab: job {job} (echo, deploy, poweroff) took {:.1} s:\n{}",
         started.elapsed().as_secs_f64(),
         ctl.ctl_ok(&["jobs", "show", &job])
     );
@@ -189,6 +213,18 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
             .join("lab")
             .join(format!("agent{}-console.log", i + 1));
         vm.console().save(&log)?;
+    }
+    // What the first agent's disk now holds, read on the host.
+    let disk = util::out_dir().join("lab").join("agent1").join("disk1.img");
+    let want = std::fs::read(&source)?;
+    let got = std::fs::read(&disk)?;
+    ensure!(
+        got.len() >= want.len() && got[..want.len()] == want[..],
+        "agent1's disk differs from the lab image"
+    );
+    println!("lab: agent1's disk1 equals the lab image byte for byte; its ext4 partition holds:");
+    for (name, text) in shoal_tests::labimage::read_files(&disk) {
+        println!("  /{name}: {}", text.trim());
     }
     println!(
         "lab: done; consoles saved under {}",
