@@ -185,3 +185,131 @@ fn three_agents_deploy_an_image_and_a_user_without_permission_is_refused() {
         "nothing written for a refused deploy"
     );
 }
+
+/// The agent's distribution connection is cut (`ss -K` in its namespace)
+/// in the middle of a deploy: it reconnects, asks only for the chunks it
+/// still lacks, and finishes with the exact bytes.
+#[test]
+fn a_deploy_whose_connection_is_cut_resumes_and_finishes() {
+    shoal_tests::require_program("ss", "iproute2");
+    let mut lan = Lan::new();
+    let state = tempfile::tempdir().unwrap();
+    let listen = format!("{}:7000", lan.gateway());
+    let ctl = Controller::start(state.path(), Some(&lan.ns), &listen, 7100, &[]);
+    let cmdline = ctl.agent_cmdline();
+    // 96 MiB of incompressible bytes: long enough to cut in the middle.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("big.raw");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let bytes: Vec<u8> = (0..96 * MIB / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&raw, &bytes).unwrap();
+    ctl.ctl_ok(&["image", "group", "create", "big"]);
+    ctl.ctl_ok(&[
+        "image",
+        "add",
+        "big",
+        raw.to_str().unwrap(),
+        "--name",
+        "disk",
+        "--compression",
+        "none",
+    ]);
+
+    let m = FakeMachine::new(7, 128);
+    let h = lan.add_host(20);
+    let mut agent = m.agent("agent", Some(&lan.hosts[h]), &cmdline);
+    agent.expect("registered with controller", T);
+    let target = m.dir.path().join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(bytes.len() as u64)
+        .unwrap();
+    let step = format!("deploy:big/disk@file={}", target.display());
+    // Pace the link to the agent (~200 Mbit/s, so the deploy takes seconds),
+    // let it get part-way, then kill its connections to the distribution
+    // service (port 7001) until it says it lost one.
+    let tc = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lan.ns.name(),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "v20",
+            "root",
+            "tbf",
+            "rate",
+            "200mbit",
+            "burst",
+            "256kb",
+            "latency",
+            "100ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        tc.status.success(),
+        "tc: {}",
+        String::from_utf8_lossy(&tc.stderr)
+    );
+    let ns = lan.hosts[h].name().to_owned();
+    let job = job_id(&ctl.ctl_ok(&["jobs", "run", "--device", &m.uuid, &step]));
+    std::thread::sleep(Duration::from_millis(1500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut cut = false;
+    while std::time::Instant::now() < deadline {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-K", "dport", "=", ":7001"])
+            .output();
+        if agent.log().contains("chunks written, retrying") {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        cut,
+        "could not cut the deploy part-way (it finished first?):\n{}",
+        agent.log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let shown = loop {
+        let shown = ctl.ctl_ok(&["jobs", "show", &job]);
+        if shown.contains("wrote")
+            || shown.contains("failed")
+            || std::time::Instant::now() > deadline
+        {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        shown.contains("succeeded") && shown.contains("wrote 96.0 MiB"),
+        "{shown}\nagent:\n{}",
+        agent.log()
+    );
+    let line = agent
+        .log()
+        .lines()
+        .find(|l| l.contains("chunks written, retrying"))
+        .unwrap()
+        .to_owned();
+    eprintln!("cut: {line}");
+    assert!(
+        !line.contains(" 0 of "),
+        "cut part-way, not before the first chunk: {line}"
+    );
+    assert!(
+        std::fs::read(&target).unwrap() == bytes,
+        "the resumed deploy wrote the exact bytes"
+    );
+}
