@@ -722,13 +722,19 @@ fn run_store(cli: &Cli, c: &StoreClient) -> Result<Result<(), String>, ClientErr
             compression,
             description,
         }) => {
+            let pb = spinner(format!(
+                "adding {} to {group} (encode, fsync, verify every chunk)",
+                file.display()
+            ));
             let i = c.add(
                 group,
                 file,
                 name.as_deref(),
                 *compression,
                 description.as_deref(),
-            )?;
+            );
+            pb.finish_and_clear();
+            let i = i?;
             show(j, &i, |i| {
                 format!(
                     "added {}/{} ({}, {} stored, id {})\n",
@@ -802,7 +808,10 @@ fn run_store(cli: &Cli, c: &StoreClient) -> Result<Result<(), String>, ClientErr
         Cmd::Image(ImageCmd::Verify { image }) => match split(image) {
             Err(e) => Err(e),
             Ok((g, n)) => {
-                let v = c.verify(g, n)?;
+                let pb = spinner(format!("verifying {g}/{n}"));
+                let v = c.verify(g, n);
+                pb.finish_and_clear();
+                let v = v?;
                 show(j, &v, |v| {
                     format!(
                         "{}/{}: {} chunks verified, id {}\n",
@@ -814,7 +823,10 @@ fn run_store(cli: &Cli, c: &StoreClient) -> Result<Result<(), String>, ClientErr
         Cmd::Image(ImageCmd::Export { image, file }) => match split(image) {
             Err(e) => Err(e),
             Ok((g, n)) => {
-                let x = c.export(g, n, file)?;
+                let pb = spinner(format!("exporting {g}/{n} to {}", file.display()));
+                let x = c.export(g, n, file);
+                pb.finish_and_clear();
+                let x = x?;
                 show(j, &x, |x| {
                     format!(
                         "exported {}/{} to {} ({}, {}, verified)\n",
@@ -834,7 +846,10 @@ fn run_store(cli: &Cli, c: &StoreClient) -> Result<Result<(), String>, ClientErr
         }) => match split(image) {
             Err(e) => Err(e),
             Ok((g, n)) => {
-                let i = c.replace(g, n, file, description.as_deref())?;
+                let pb = spinner(format!("replacing {g}/{n} (write, verify, then rename)"));
+                let i = c.replace(g, n, file, description.as_deref());
+                pb.finish_and_clear();
+                let i = i?;
                 show(j, &i, |i| {
                     format!("replaced {}/{} (id {})\n", i.group, i.name, i.id)
                 })
@@ -927,4 +942,16 @@ fn images_table(images: &[ImageInfo]) -> String {
         ]);
     }
     t.render()
+}
+
+/// A spinner with the elapsed time on stderr while a long admin call runs
+/// (hidden when stderr is not a terminal, so scripts see nothing extra).
+fn spinner(message: String) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        pb.set_style(style);
+    }
+    pb.set_message(message);
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
 }
