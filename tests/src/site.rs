@@ -98,6 +98,19 @@ impl Lan {
         self.hosts.len() - 1
     }
 
+    /// dnsmasq on the bridge, leasing `.50`–`.99` with the bridge as router.
+    pub fn start_dhcp(&self) -> crate::netns::Dnsmasq {
+        let net = format!("10.88.{}", self.subnet);
+        crate::netns::Dnsmasq::start(
+            &self.ns,
+            "br0",
+            &[
+                format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
+                format!("--dhcp-option=option:router,{net}.1"),
+            ],
+        )
+    }
+
     /// A tap device on the bridge, for a QEMU guest started in `self.ns`.
     pub fn add_tap(&mut self) -> String {
         let name = format!("tap{}", self.taps);
@@ -284,4 +297,15 @@ impl FakeMachine {
         ]);
         Proc::spawn(name, cmd)
     }
+}
+
+/// The job id `shoalctl jobs run` printed: the first number in its output.
+pub fn job_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no job id in:\n{out}"))
 }

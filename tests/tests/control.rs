@@ -16,7 +16,7 @@ use shoal_protocol::control::{AgentMsg, ControllerMsg, Hello, Identity};
 use shoal_protocol::Inventory;
 use shoal_tests::client::{self, Keys};
 use shoal_tests::proxy::Proxy;
-use shoal_tests::site::{free_port, Controller, FakeMachine, Lan};
+use shoal_tests::site::{free_port, job_id, Controller, FakeMachine, Lan};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -93,18 +93,6 @@ fn three_agents_register_and_run_echo_and_inventory() {
     for a in &mut agents {
         a.expect("registered with controller", T);
     }
-}
-
-/// The job id `shoalctl jobs run` printed (the first number on its first line
-/// that has one).
-pub fn job_id(out: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| panic!("no job id in:\n{out}"))
 }
 
 /// A Controller on loopback with its own state, on free ports.

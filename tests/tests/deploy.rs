@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use shoal_tests::site::{shoalctl_bin, Controller, FakeMachine, Lan};
+use shoal_tests::site::{job_id, shoalctl_bin, Controller, FakeMachine, Lan};
 
 const T: Duration = Duration::from_secs(30);
 const MIB: usize = 1 << 20;
@@ -32,16 +32,6 @@ fn source(path: &std::path::Path) -> Vec<u8> {
         .collect();
     std::fs::write(path, &bytes).unwrap();
     bytes
-}
-
-fn job_id(out: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| panic!("no job id in:\n{out}"))
 }
 
 #[test]

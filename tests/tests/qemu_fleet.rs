@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use shoal_tests::netns::Dnsmasq;
 use shoal_tests::site::{Controller, Lan};
 use shoal_tests::vm::{NetBackend, VmBuilder};
 use shoal_tests::{artefact, require_program};
@@ -17,14 +16,7 @@ fn qemu_two_agents_register_and_run_echo_then_poweroff() {
     require_program("qemu-system-x86_64", "qemu-system-x86");
     let mut lan = Lan::new();
     let net = format!("10.88.{}", lan.subnet);
-    let _dhcp = Dnsmasq::start(
-        &lan.ns,
-        "br0",
-        &[
-            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
-            format!("--dhcp-option=option:router,{net}.1"),
-        ],
-    );
+    let _dhcp = lan.start_dhcp();
     let state = tempfile::tempdir().unwrap();
     let ctl = Controller::start(
         state.path(),
@@ -84,14 +76,7 @@ fn qemu_two_agents_register_and_run_echo_then_poweroff() {
         let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
         assert!(status.success(), "QEMU exited with {status}");
     }
-    let job = out
-        .lines()
-        .find_map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .map(str::to_owned)
-        })
-        .unwrap();
+    let job = shoal_tests::site::job_id(&out);
     let shown = ctl.ctl_ok(&["jobs", "show", &job]);
     assert_eq!(shown.matches("hello from the fleet").count(), 2, "{shown}");
     assert!(!shown.contains("failed"), "{shown}");
@@ -104,14 +89,7 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
     let source = shoal_tests::labimage::build(work.path(), 48);
     let mut lan = Lan::new();
     let net = format!("10.88.{}", lan.subnet);
-    let _dhcp = Dnsmasq::start(
-        &lan.ns,
-        "br0",
-        &[
-            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
-            format!("--dhcp-option=option:router,{net}.1"),
-        ],
-    );
+    let _dhcp = lan.start_dhcp();
     let state = tempfile::tempdir().unwrap();
     let ctl = Controller::start(
         state.path(),

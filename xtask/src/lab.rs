@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use shoal_tests::netns::Dnsmasq;
 use shoal_tests::site::{Controller, Lan};
 use shoal_tests::vm::{NetBackend, Vm, VmBuilder};
 
@@ -109,14 +108,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
 
     let mut lan = Lan::new();
     let net = format!("10.88.{}", lan.subnet);
-    let _dhcp = Dnsmasq::start(
-        &lan.ns,
-        "br0",
-        &[
-            format!("--dhcp-range={net}.50,{net}.99,255.255.255.0,1h"),
-            format!("--dhcp-option=option:router,{net}.1"),
-        ],
-    );
+    let _dhcp = lan.start_dhcp();
     let state = util::out_dir().join("lab").join("controller");
     let ctl = Controller::start(&state, Some(&lan.ns), &format!("{net}.1:7000"), 7100, &[]);
     let cmdline = ctl.agent_cmdline();
@@ -190,14 +182,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     for vm in &mut vms {
         vm.wait_exit(timeout)?;
     }
-    let job = run_out
-        .lines()
-        .find_map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .map(str::to_owned)
-        })
-        .context("shoalctl printed no job id")?;
+    let job = shoal_tests::site::job_id(&run_out);
     println!(
         "\nlab: job {job} (echo, deploy, poweroff) took {:.1} s:\n{}",
         started.elapsed().as_secs_f64(),
