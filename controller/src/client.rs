@@ -27,7 +27,7 @@ pub struct Client {
 }
 
 /// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
@@ -39,7 +39,7 @@ fn enc(s: &str) -> String {
     out
 }
 
-enum Method<'a, B> {
+pub(crate) enum Method<'a, B> {
     Get,
     Delete,
     Post(Option<&'a B>),
@@ -48,10 +48,16 @@ enum Method<'a, B> {
 impl Client {
     /// A client for the API at `base` (`http://127.0.0.1:7100`).
     pub fn new(base: &str, token: &str) -> Client {
+        Client::with_timeout(base, token, Some(Duration::from_secs(30)))
+    }
+
+    /// A client whose calls may take `timeout` (`None`: as long as the
+    /// Controller works, e.g. while it encodes and verifies an image).
+    pub fn with_timeout(base: &str, token: &str, timeout: Option<Duration>) -> Client {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .proxy(None)
-            .timeout_global(Some(Duration::from_secs(30)))
+            .timeout_global(timeout)
             .build();
         Client {
             base: base.trim_end_matches('/').to_owned(),
@@ -64,7 +70,7 @@ impl Client {
         &self.base
     }
 
-    fn call<T: DeserializeOwned, B: Serialize>(
+    pub(crate) fn call<T: DeserializeOwned, B: Serialize>(
         &self,
         method: Method<'_, B>,
         path: &str,
@@ -96,6 +102,8 @@ impl Client {
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
+            .with_config()
+            .limit(64 << 20)
             .read_to_string()
             .map_err(|e| ClientError::BadAnswer {
                 url: url.clone(),

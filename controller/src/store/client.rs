@@ -1,7 +1,7 @@
 //! The blocking client for the image store's and users' endpoints (what
-//! `shoalctl image|acl|users|whoami` use). Separate from `client.rs`
-//! because adds and exports run as long as encoding takes: no global
-//! timeout here.
+//! `shoalctl image|acl|users|whoami` use). It shares `client.rs`'s request
+//! path, built without a global timeout: adds and exports run as long as
+//! encoding and verifying take.
 
 use std::path::{Path, PathBuf};
 
@@ -14,28 +14,12 @@ use super::http::{
     SetGroup,
 };
 use super::{Acl, Exported, GroupInfo, ImageDetail, ImageInfo, Permission, Role, Verified};
-use crate::api::ErrorBody;
-use crate::client::ClientError;
+use crate::client::{enc, Client, ClientError, Method};
 use crate::db::User;
 
 #[derive(Debug)]
 pub struct StoreClient {
-    base: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-/// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    client: Client,
 }
 
 /// A path made absolute (the Controller resolves nothing relative).
@@ -45,14 +29,8 @@ fn absolute(p: &Path) -> PathBuf {
 
 impl StoreClient {
     pub fn new(base: &str, token: &str) -> StoreClient {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .build();
         StoreClient {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.trim().to_owned(),
-            agent: ureq::Agent::new_with_config(config),
+            client: Client::with_timeout(base, token, None),
         }
     }
 
@@ -62,50 +40,12 @@ impl StoreClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let sent = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("Authorization", &auth)
-                .call(),
-            (_, Some(b)) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(b),
-            (_, None) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
+        let method = match method {
+            "GET" => Method::Get,
+            "DELETE" => Method::Delete,
+            _ => Method::Post(body),
         };
-        let mut resp = sent.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            why: e.to_string(),
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_string()
-            .map_err(|e| ClientError::BadAnswer {
-                url: url.clone(),
-                why: e.to_string(),
-            })?;
-        if !(200..300).contains(&status) {
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| text.trim().chars().take(200).collect());
-            return Err(ClientError::Api { status, message });
-        }
-        serde_json::from_str(&text).map_err(|e| ClientError::BadAnswer {
-            url,
-            why: e.to_string(),
-        })
+        self.client.call(method, path)
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
