@@ -51,6 +51,7 @@ use serde::Deserialize;
 
 use crate::api::{Cancelled, Device, ErrorBody, Health, Job, LogEntry, NewJob};
 use crate::db::DbError;
+use crate::distribution::multicast::SessionSnapshot;
 use crate::error_chain;
 use crate::jobs::{validate_steps, JobError};
 use crate::registry::Cmd;
@@ -153,6 +154,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/devices/{device}/approve", post(approve_device))
         .route("/v1/jobs/{job}/cancel", post(cancel_job))
         .route("/v1/logs", get(logs))
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{id}", get(show_session))
         .merge(crate::store::http::admin_routes())
         .route_layer(middleware::from_fn(require_admin));
     let api = Router::new()
@@ -377,6 +380,36 @@ fn job_id(text: &str) -> Result<i64, ApiError> {
         .ok()
         .filter(|id| *id > 0)
         .ok_or_else(|| ApiError::NoJob(text.to_owned()))
+}
+
+/// Multicast sessions, live and recently ended.
+async fn list_sessions(State(s): Shd) -> Json<Vec<SessionSnapshot>> {
+    Json(s.multicast.sessions())
+}
+
+/// One session by ID (or a unique prefix of it), or the newest of a job
+/// (`job:N`).
+async fn show_session(
+    State(s): Shd,
+    Path(id): Path<String>,
+) -> Result<Json<SessionSnapshot>, ApiError> {
+    let all = s.multicast.sessions();
+    let found: Vec<&SessionSnapshot> = match id.strip_prefix("job:") {
+        Some(j) => all
+            .iter()
+            .filter(|x| j.parse() == Ok(x.job))
+            .take(1)
+            .collect(),
+        None => all.iter().filter(|x| x.id.starts_with(&id)).collect(),
+    };
+    match found[..] {
+        [one] => Ok(Json(one.clone())),
+        [] => Err(ApiError::NotFound(format!("multicast session {id:?}"))),
+        _ => Err(ApiError::BadRequest(format!(
+            "{id:?} matches {} sessions; give more of the ID",
+            found.len()
+        ))),
+    }
 }
 
 async fn show_job(State(s): Shd, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {

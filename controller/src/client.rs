@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{Cancelled, Device, ErrorBody, Health, Job, LogEntry, NewJob};
+use crate::distribution::multicast::SessionSnapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -161,6 +162,14 @@ impl Client {
 
     pub fn job(&self, id: &str) -> Result<Job, ClientError> {
         self.get(&format!("/v1/jobs/{}", enc(id)))
+    }
+
+    pub fn sessions(&self) -> Result<Vec<SessionSnapshot>, ClientError> {
+        self.get("/v1/sessions")
+    }
+
+    pub fn session(&self, id: &str) -> Result<SessionSnapshot, ClientError> {
+        self.get(&format!("/v1/sessions/{}", enc(id)))
     }
 
     pub fn cancel(&self, id: &str) -> Result<Cancelled, ClientError> {

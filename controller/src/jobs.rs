@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::control::{Step, MAX_TEXT};
 
+use crate::distribution::multicast::StepOptions;
 use crate::model::{JobState, StepState};
+use shoal_protocol::multicast::Cipher;
 
 /// Most steps in one job.
 pub const MAX_STEPS: usize = 100;
@@ -49,7 +51,42 @@ pub enum StepKind {
     Deploy {
         image: String,
         disk: String,
+        /// Unicast, multicast, or multicast when the job has several
+        /// devices (`auto`).
+        #[serde(default, skip_serializing_if = "DeployMode::is_auto")]
+        mode: DeployMode,
+        #[serde(default, skip_serializing_if = "is_default")]
+        multicast: StepOptions,
     },
+}
+
+/// How a deploy step gets its image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeployMode {
+    #[default]
+    Auto,
+    Multicast,
+    Unicast,
+}
+
+impl DeployMode {
+    pub fn is_auto(&self) -> bool {
+        *self == DeployMode::Auto
+    }
+
+    /// Whether a job on `devices` devices deploys by multicast.
+    pub fn multicast(self, devices: usize) -> bool {
+        match self {
+            DeployMode::Auto => devices >= 2,
+            DeployMode::Multicast => true,
+            DeployMode::Unicast => false,
+        }
+    }
+}
+
+fn is_default(o: &StepOptions) -> bool {
+    *o == StepOptions::default()
 }
 
 /// A step of a job: the work and, optionally, its own timeout.
@@ -75,6 +112,8 @@ pub enum JobError {
     BadTimeout(u32),
     #[error("deploy step {0:?}: expected deploy:GROUP/NAME@DISK (DISK: auto, serial=S, wwn=W, name=N, path=P or file=F)")]
     BadDeploy(String),
+    #[error("deploy option {0:?}: expected mode=auto|multicast|unicast, cipher=chacha20poly1305|rc4, min=N, wait=SECS or rate=MBPS")]
+    BadDeployOption(String),
     #[error("a job needs at least one step")]
     NoSteps,
     #[error("a job has at most {MAX_STEPS} steps, not {0}")]
@@ -124,12 +163,38 @@ impl StepSpec {
             ("reboot", None) => StepKind::Reboot,
             ("poweroff", None) => StepKind::Poweroff,
             ("deploy", Some(arg)) => {
-                let (image, disk) = arg
+                let (image, rest) = arg
                     .split_once('@')
                     .ok_or_else(|| JobError::BadDeploy(s.into()))?;
+                let mut parts = rest.split(';');
+                let disk = parts.next().unwrap_or_default();
+                let mut mode = DeployMode::Auto;
+                let mut multicast = StepOptions::default();
+                for opt in parts.map(str::trim).filter(|p| !p.is_empty()) {
+                    let bad = || JobError::BadDeployOption(opt.into());
+                    let (k, v) = opt.split_once('=').ok_or_else(bad)?;
+                    let num = || v.trim().parse::<u32>().map_err(|_| bad());
+                    match k.trim() {
+                        "mode" => {
+                            mode = match v.trim() {
+                                "auto" => DeployMode::Auto,
+                                "multicast" => DeployMode::Multicast,
+                                "unicast" => DeployMode::Unicast,
+                                _ => return Err(bad()),
+                            }
+                        }
+                        "cipher" => multicast.cipher = Cipher::parse(v.trim()).ok_or_else(bad)?,
+                        "min" => multicast.min = Some(num()?),
+                        "wait" => multicast.wait_secs = Some(num()?),
+                        "rate" => multicast.rate_mbps = Some(num()?),
+                        _ => return Err(bad()),
+                    }
+                }
                 StepKind::Deploy {
                     image: image.trim().into(),
                     disk: disk.trim().into(),
+                    mode,
+                    multicast,
                 }
             }
             _ => return Err(JobError::UnknownStep(s.into())),
@@ -147,7 +212,7 @@ impl StepSpec {
             StepKind::Wait { secs } if *secs > MAX_WAIT_SECS => {
                 return Err(JobError::WaitTooLong(*secs))
             }
-            StepKind::Deploy { image, disk }
+            StepKind::Deploy { image, disk, .. }
                 if deploy_image(image).is_none() || disk.is_empty() || disk.len() > MAX_TEXT =>
             {
                 return Err(JobError::BadDeploy(format!("deploy:{image}@{disk}")))
@@ -189,7 +254,13 @@ impl StepSpec {
         match &self.work {
             StepKind::Wait { secs } => format!("wait {secs}"),
             StepKind::Echo { text } => format!("echo {text}"),
-            StepKind::Deploy { image, disk } => format!("deploy {image} to disk={disk}"),
+            StepKind::Deploy {
+                image, disk, mode, ..
+            } => match mode {
+                DeployMode::Auto => format!("deploy {image} to disk={disk}"),
+                DeployMode::Multicast => format!("deploy {image} to disk={disk} (multicast)"),
+                DeployMode::Unicast => format!("deploy {image} to disk={disk} (unicast)"),
+            },
             other => other.name().to_owned(),
         }
     }
@@ -282,9 +353,42 @@ mod tests {
             d.work,
             StepKind::Deploy {
                 image: "lab/disk".into(),
-                disk: "file=/tmp/x.img".into()
+                disk: "file=/tmp/x.img".into(),
+                mode: DeployMode::Auto,
+                multicast: StepOptions::default(),
             }
         );
+        let m = StepSpec::parse_cli(
+            "deploy:lab/disk@serial=A;mode=multicast;cipher=rc4;min=3;wait=9;rate=50",
+        )
+        .unwrap();
+        assert_eq!(
+            m.work,
+            StepKind::Deploy {
+                image: "lab/disk".into(),
+                disk: "serial=A".into(),
+                mode: DeployMode::Multicast,
+                multicast: StepOptions {
+                    cipher: Cipher::Rc4,
+                    min: Some(3),
+                    wait_secs: Some(9),
+                    rate_mbps: Some(50),
+                },
+            }
+        );
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<StepSpec>(&json).unwrap(), m);
+        for bad in [
+            "deploy:a/b@auto;mode=x",
+            "deploy:a/b@auto;min=x",
+            "deploy:a/b@auto;foo=1",
+            "deploy:a/b@auto;cipher",
+        ] {
+            assert!(
+                matches!(StepSpec::parse_cli(bad), Err(JobError::BadDeployOption(_))),
+                "{bad}"
+            );
+        }
         assert_eq!(d.timeout(), Duration::from_secs(3600));
         assert!(d.to_protocol().is_none());
         for bad in [

@@ -75,6 +75,35 @@ struct ServeArgs {
     /// The Image Distribution service (default: the --listen address, port + 1).
     #[arg(long, value_name = "ADDR:PORT", value_parser = socket_addr)]
     distribution: Option<SocketAddr>,
+    /// Multicast group addresses for deploy sessions (administratively scoped by default).
+    #[arg(long, value_name = "ADDR/PREFIX", default_value = "239.0.0.0/8", value_parser = pool)]
+    multicast_pool: (std::net::Ipv4Addr, u8),
+    /// UDP port of the multicast groups.
+    #[arg(long, value_name = "PORT", default_value_t = 40000)]
+    multicast_port: u16,
+    /// TTL of multicast datagrams (1: this segment only).
+    #[arg(long, value_name = "HOPS", default_value_t = 1)]
+    multicast_ttl: u32,
+    /// Path MTU of the deployment network (9000 for jumbo frames).
+    #[arg(long, value_name = "BYTES", default_value_t = 1500)]
+    multicast_mtu: usize,
+    /// Most megabytes per second per multicast session (0: adapt to loss only).
+    #[arg(long, value_name = "MB/S", default_value_t = 0)]
+    multicast_rate: u32,
+}
+
+fn pool(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or("expected ADDR/PREFIX, e.g. 239.0.0.0/8")?;
+    let addr: std::net::Ipv4Addr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+    let prefix: u8 = p.parse().map_err(|e| format!("{p}: {e}"))?;
+    if !addr.is_multicast() || !(4..=30).contains(&prefix) {
+        return Err(format!(
+            "{s}: not a multicast range with a prefix of 4 to 30"
+        ));
+    }
+    Ok((addr, prefix))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -140,6 +169,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         timeout: Duration::from_millis(args.timeout_ms),
         distribution: args.distribution,
+        multicast: shoal_controller::distribution::multicast::MulticastConfig {
+            pool: args.multicast_pool.0,
+            prefix: args.multicast_pool.1,
+            port: args.multicast_port,
+            ttl: args.multicast_ttl,
+            mtu: args.multicast_mtu,
+            max_rate: (args.multicast_rate > 0).then(|| f64::from(args.multicast_rate) * 1e6),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

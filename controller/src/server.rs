@@ -48,6 +48,8 @@ pub struct Config {
     /// The Image Distribution service; `None`: the agent listener's
     /// address with port + 1 (any free port if that one is taken).
     pub distribution: Option<SocketAddr>,
+    /// Multicast sessions of the Image Distribution service.
+    pub multicast: crate::distribution::multicast::MulticastConfig,
 }
 
 impl Config {
@@ -62,6 +64,7 @@ impl Config {
             heartbeat: Duration::from_millis(1000),
             timeout: Duration::from_millis(5000),
             distribution: None,
+            multicast: Default::default(),
         }
     }
 }
@@ -104,6 +107,8 @@ pub struct Shared {
     /// Where that service listens (an unspecified IP: agents are told the
     /// address they reached the Controller at).
     pub distribution_addr: SocketAddr,
+    /// Multicast sessions of the Image Distribution service.
+    pub multicast: crate::distribution::multicast::Multicast,
 }
 
 impl std::fmt::Debug for Shared {
@@ -218,6 +223,7 @@ impl Server {
             images,
             distribution: crate::distribution::Distribution::new(),
             distribution_addr,
+            multicast: crate::distribution::multicast::Multicast::new(config.multicast.clone()),
         });
         let router = crate::admin::router(shared.clone());
         let flusher = shared.clone();

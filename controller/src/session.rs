@@ -33,6 +33,7 @@ use crate::channel::{Channel, ConnError};
 use crate::db::{
     normal_macs, normal_uuid, DbError, Finish, Finished, HelloFacts, NextStep, Recognised,
 };
+use crate::distribution::multicast::{Join, Member};
 use crate::error_chain;
 use crate::jobs::{deploy_image, StepKind};
 use crate::model::{DeviceState, EnrolmentState};
@@ -51,6 +52,8 @@ struct Current {
     timeout: Duration,
     /// A deploy's distribution session, revoked when the step ends here.
     grant: Option<[u8; 32]>,
+    /// A multicast deploy's place in its session (leaves it when dropped).
+    mcast: Option<crate::distribution::multicast::Member>,
 }
 
 enum Event {
@@ -503,7 +506,22 @@ impl Session {
             .as_ref()
             .is_some_and(|c| is_current && c.cancel_requested);
         let mut inventory = None;
+        let unconfirmed = self
+            .current
+            .as_ref()
+            .filter(|_| is_current)
+            .and_then(|c| c.mcast.as_ref())
+            .filter(|m| !m.session.confirmed(m.receiver))
+            .map(|m| (m.session.id, m.receiver));
         let finish = match outcome {
+            Outcome::Succeeded { output, .. } if unconfirmed.is_some() => {
+                let (id, r) = unconfirmed.unwrap_or_default();
+                Finish::Failed {
+                    reason: clip(&format!(
+                        "the agent reported success, but multicast session {id:016x} never saw receiver {r} report the image complete: not trusted ({output})"
+                    )),
+                }
+            }
             Outcome::Succeeded {
                 output,
                 inventory: inv,
@@ -638,10 +656,10 @@ impl Session {
             step: next.step,
         };
         let timeout = Duration::from_millis(u64::from(next.timeout_ms));
-        let (work, grant) = match next.spec.to_protocol() {
-            Some(work) => (work, None),
+        let (work, grant, mcast) = match next.spec.to_protocol() {
+            Some(work) => (work, None, None),
             None => match self.grant_deploy(&next, timeout).await {
-                Ok((work, session)) => (work, Some(session)),
+                Ok((work, session, member)) => (work, Some(session), member),
                 Err(reason) => {
                     warn!(
                         "device {device}: {} ({}) failed: {reason}",
@@ -687,6 +705,7 @@ impl Session {
             deadline: Instant::now() + timeout,
             timeout,
             grant,
+            mcast,
         });
         Ok(())
     }
@@ -712,8 +731,14 @@ impl Session {
         &self,
         next: &NextStep,
         timeout: Duration,
-    ) -> Result<(Step, [u8; 32]), String> {
-        let StepKind::Deploy { image, disk } = &next.spec.work else {
+    ) -> Result<(Step, [u8; 32], Option<Member>), String> {
+        let StepKind::Deploy {
+            image,
+            disk,
+            mode,
+            multicast,
+        } = &next.spec.work
+        else {
             return Err(format!("{} is not a deploy step", next.spec.describe()));
         };
         let Some((group, name)) = deploy_image(image) else {
@@ -739,12 +764,34 @@ impl Session {
             next.step,
             resolved.image.id_hex()
         );
-        self.shared.distribution.register(
-            session,
-            resolved.path,
-            resolved.image,
-            std::time::Instant::now() + timeout,
-        );
+        let expires = std::time::Instant::now() + timeout;
+        let (job, step) = (next.job as u64, next.step);
+        let devices = self
+            .db(move |db| db.job_devices(job as i64))
+            .await
+            .map_err(|e| format!("reading job {job}'s devices: {e}"))?
+            .len();
+        let (member, offer) = if mode.multicast(devices) {
+            let image_arc = std::sync::Arc::new(resolved.image.clone());
+            let (m, o) = self.shared.multicast.join(Join {
+                job,
+                step,
+                device: self.device,
+                devices: devices as u32,
+                image_name: image,
+                path: resolved.path.clone(),
+                image: image_arc,
+                options: multicast,
+                local: self.local.ip(),
+                expires,
+            })?;
+            (Some(m), Some(Box::new(o)))
+        } else {
+            (None, None)
+        };
+        self.shared
+            .distribution
+            .register(session, resolved.path, resolved.image, expires);
         let mut service = self.shared.distribution_addr;
         if service.ip().is_unspecified() {
             service.set_ip(self.local.ip());
@@ -756,8 +803,10 @@ impl Session {
                 service: service.to_string(),
                 session,
                 image_id,
+                multicast: offer,
             },
             session,
+            member,
         ))
     }
 }

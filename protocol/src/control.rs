@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::{Inventory, MacAddr};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest plaintext message: a frame minus the AEAD tag.
 pub const MAX_MESSAGE: usize = crate::frame::MAX_FRAME - 16;
 /// Longest log line or step output an agent sends (longer text is cut).
@@ -84,7 +84,31 @@ pub enum Step {
         session: [u8; 32],
         /// SHA-256 of the image's chunk table.
         image_id: [u8; 32],
+        /// Join this multicast session; `None`: pull by unicast only.
+        multicast: Option<Box<MulticastOffer>>,
     },
+}
+
+/// A multicast session as the Controller hands it to one agent: everything
+/// the agent needs to receive, decrypt and report (`docs/multicast.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulticastOffer {
+    /// `GROUP:PORT`, e.g. `239.255.0.1:40000`.
+    pub group: String,
+    /// `HOST:PORT` of the sender's unicast socket (reports go there).
+    pub sender: String,
+    pub session: u64,
+    /// The session key (data keys are derived from it).
+    pub key: [u8; 32],
+    pub cipher: crate::multicast::Cipher,
+    /// This agent's receiver ID in the session.
+    pub receiver: u32,
+    /// Block payload bytes (from the session's MTU).
+    pub payload: u32,
+    /// The session starts at the latest this many seconds after it was set
+    /// up; no data for this long plus a margin means multicast does not
+    /// reach this agent and it pulls by unicast.
+    pub start_within_secs: u32,
 }
 
 impl Step {
@@ -294,6 +318,16 @@ mod tests {
                 service: "10.0.0.1:7001".into(),
                 session: [7; 32],
                 image_id: [9; 32],
+                multicast: Some(Box::new(MulticastOffer {
+                    group: "239.255.0.1:40000".into(),
+                    sender: "10.0.0.1:40001".into(),
+                    session: 5,
+                    key: [3; 32],
+                    cipher: crate::multicast::Cipher::Rc4,
+                    receiver: 2,
+                    payload: 1424,
+                    start_within_secs: 30,
+                })),
             },
             timeout_ms: 3_600_000,
         };

@@ -13,5 +13,6 @@ pub mod distribution;
 pub mod frame;
 pub mod image;
 pub mod inventory;
+pub mod multicast;
 
 pub use inventory::Inventory;

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use shoal_protocol::control::{AgentMsg, Outcome, StepRef};
+use shoal_protocol::control::{AgentMsg, MulticastOffer, Outcome, StepRef};
 use shoal_protocol::inventory::human_bytes;
 
 use super::link::Shared;
+use crate::deploy::multicast::{self, McastConfig, McastSummary};
 use crate::deploy::{self, DeployConfig, DeployError, Progress};
 use crate::disk::progress::Written;
 use crate::disk::selector::{select, Selector};
@@ -39,6 +40,7 @@ pub(crate) struct Order<'a> {
     pub service: &'a str,
     pub session: [u8; 32],
     pub image_id: [u8; 32],
+    pub multicast: Option<Box<MulticastOffer>>,
 }
 
 /// Runs the deploy and says how it ended.
@@ -101,6 +103,38 @@ fn deploy_step(
             text: progress_text(&p),
         });
     };
+    // Multicast first (if offered), then unicast for whatever is left.
+    let mut mcast = match &order.multicast {
+        Some(offer) => Some(join(offer, service, &image, &written)?),
+        None => None,
+    };
+    let mut summary: Option<McastSummary> = None;
+    if let Some((mcfg, socket, rx)) = &mut mcast {
+        info!(
+            "{who}multicast session {:016x}: group {}, sender {}, {}, receiver {}",
+            mcfg.session,
+            mcfg.group,
+            mcfg.sender,
+            mcfg.cipher.as_str(),
+            mcfg.receiver
+        );
+        let mut meter = multicast::meter(&image, &written, &mut report_progress);
+        let s = multicast::receive(
+            mcfg,
+            socket,
+            rx,
+            &image,
+            &mut writer,
+            &mut written,
+            &mut meter,
+            cancel,
+        )
+        .map_err(|e| error_chain(&e))?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err("cancelled".into());
+        }
+        summary = Some(s);
+    }
     let mut round = 0;
     let report = loop {
         if cancel.load(Ordering::SeqCst) {
@@ -124,10 +158,26 @@ fn deploy_step(
             Err(e) => return Err(error_chain(&e)),
         }
     };
+    let mut mtext = String::new();
+    if let (Some((mcfg, socket, rx)), Some(s)) = (&mut mcast, &summary) {
+        for i in 0..image.chunks.len() {
+            if written.contains(i) {
+                rx.written_elsewhere(i as u32);
+            }
+        }
+        let verdict = multicast::confirm(mcfg, socket, rx);
+        mtext = multicast_text(s, report.chunks_fetched, verdict);
+        info!("{who}{mtext}");
+        if verdict == Some(false) {
+            return Err(format!(
+                "the distribution service rejected this receiver's completion digest ({mtext})"
+            ));
+        }
+    }
     let secs = start.elapsed().as_secs_f64();
     let rate = size as f64 / secs.max(1e-3) / (1 << 20) as f64;
     Ok(format!(
-        "wrote {} to {} in {secs:.1} s ({rate:.0} MiB/s), {} chunks zeroed{}",
+        "wrote {} to {} in {secs:.1} s ({rate:.0} MiB/s), {} chunks zeroed{}{mtext}; peak RSS {}",
         human_bytes(size),
         target.name,
         report.chunks_zeroed,
@@ -135,8 +185,93 @@ fn deploy_step(
             format!(", {} reconnects", report.reconnects)
         } else {
             String::new()
-        }
+        },
+        peak_rss().map_or("unknown".into(), human_bytes)
     ))
+}
+
+/// Opens the multicast socket and the receiver for an offer.
+fn join(
+    offer: &MulticastOffer,
+    service: SocketAddr,
+    image: &shoal_protocol::image::Image,
+    written: &Written,
+) -> Result<
+    (
+        McastConfig,
+        std::net::UdpSocket,
+        shoal_protocol::multicast::Receiver,
+    ),
+    String,
+> {
+    let group: std::net::SocketAddrV4 = offer
+        .group
+        .parse()
+        .map_err(|e| format!("multicast group {:?}: {e}", offer.group))?;
+    let mut sender = resolve(&offer.sender)?;
+    if sender.ip().is_unspecified() {
+        sender.set_ip(service.ip());
+    }
+    let cfg = McastConfig {
+        group,
+        sender,
+        session: offer.session,
+        key: offer.key,
+        cipher: offer.cipher,
+        receiver: offer.receiver,
+        payload: offer.payload as usize,
+        first_data_within: Duration::from_secs(u64::from(offer.start_within_secs) + 5),
+        max_partials: MAX_PARTIALS,
+    };
+    let local = multicast::local_address(sender)
+        .map_err(|e| format!("no route to multicast sender {sender}: {e}"))?;
+    let (socket, buffer, gro) = multicast::open_socket(&cfg, local)
+        .map_err(|e| format!("joining multicast group {group} on {local}: {e}"))?;
+    log::debug!("multicast socket: {buffer} bytes of buffer, GRO {gro}");
+    let rx = multicast::receiver(&cfg, image, written);
+    Ok((cfg, socket, rx))
+}
+
+/// Chunk buffers a receiver may hold (4 MiB chunks: 48 MiB).
+const MAX_PARTIALS: usize = 12;
+
+/// `; multicast: 250 chunks, …`.
+fn multicast_text(s: &McastSummary, unicast_chunks: u64, verdict: Option<bool>) -> String {
+    let st = &s.stats;
+    let seen = st.received + st.lost;
+    let loss = if seen > 0 {
+        100.0 * st.lost as f64 / seen as f64
+    } else {
+        0.0
+    };
+    format!(
+        "; multicast: {} chunks in {:.1} s, {} datagrams received, {} lost ({loss:.1}%), {} forged dropped, {} skipped (busy), {} bad chunks, {} blocks re-requested; {} chunks by unicast{}; completion {}",
+        s.chunks,
+        s.elapsed.as_secs_f64(),
+        st.received,
+        st.lost,
+        st.forged,
+        st.skipped,
+        st.bad_chunks,
+        st.repairs_requested,
+        unicast_chunks,
+        s.fell_back
+            .as_ref()
+            .map_or(String::new(), |r| format!(" ({r})")),
+        match verdict {
+            Some(true) => "confirmed by the distribution service",
+            Some(false) => "REJECTED by the distribution service",
+            None => "not acknowledged by the distribution service",
+        }
+    )
+}
+
+/// The process's peak resident set (`VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `HOST:PORT` to an address.

@@ -144,6 +144,7 @@ fn work_step(
             service,
             session,
             image_id,
+            multicast,
         } => {
             let order = super::deploy::Order {
                 image: &image,
@@ -151,6 +152,7 @@ fn work_step(
                 service: &service,
                 session,
                 image_id,
+                multicast,
             };
             let root = shared.hooks.root();
             (super::deploy::run(shared, step, &root, order, cancel), None)

@@ -17,6 +17,7 @@
 //! and footer from the service and accepts them only if the table hashes to
 //! the image ID the Controller sent over the authenticated control channel.
 
+pub mod multicast;
 #[cfg(test)]
 mod tests;
 
@@ -318,7 +319,8 @@ impl From<ConnError> for Stop {
 }
 
 /// Progress and the callback, throttled.
-struct Meter<F: FnMut(Progress)> {
+/// Counts written bytes and calls back with progress now and then.
+pub struct Meter<F: FnMut(Progress)> {
     rate: Rate,
     done: u64,
     last: Option<Instant>,

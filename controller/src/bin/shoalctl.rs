@@ -36,6 +36,7 @@ use serde_json::Value;
 use shoal_controller::api::{Device, Job, NewJob};
 use shoal_controller::client::Client;
 use shoal_controller::client::ClientError;
+use shoal_controller::distribution::multicast::SessionSnapshot;
 use shoal_controller::jobs::StepSpec;
 use shoal_controller::model::JobState;
 use shoal_controller::store::client::StoreClient;
@@ -81,6 +82,9 @@ enum Cmd {
     /// Jobs: run steps on devices.
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// Multicast sessions of the Image Distribution service.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
     /// Agents' log lines, oldest first.
     Logs {
         /// Only this device (id, UUID or MAC).
@@ -211,6 +215,15 @@ enum DevicesCmd {
     Approve {
         id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCmd {
+    /// Live and recently ended sessions.
+    List,
+    /// One session with per-receiver progress, rate, loss, repairs and ETA:
+    /// its ID (or a unique prefix), or `job:N` for job N's newest.
+    Show { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,6 +388,22 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 print_json(&job)?;
             } else {
                 print!("{}", job_text(&job));
+            }
+        }
+        Cmd::Sessions(SessionsCmd::List) => {
+            let all = c.sessions().map_err(err)?;
+            if cli.json {
+                print_json(&all)?;
+            } else {
+                print!("{}", sessions_table(&all));
+            }
+        }
+        Cmd::Sessions(SessionsCmd::Show { id }) => {
+            let one = c.session(id).map_err(err)?;
+            if cli.json {
+                print_json(&one)?;
+            } else {
+                print!("{}", session_text(&one));
             }
         }
         Cmd::Jobs(JobsCmd::Cancel { id }) => {
@@ -608,6 +637,95 @@ fn device_text(d: &Device) -> String {
         }
     }
     format!("device {}\n{}", d.id, t.render())
+}
+
+fn sessions_table(all: &[SessionSnapshot]) -> String {
+    let mut out = format!(
+        "{:<16}  {:>5}  {:<20}  {:<21}  {:<16}  {:<8}  {:>9}  {:>9}\n",
+        "SESSION", "JOB", "IMAGE", "GROUP", "CIPHER", "STATE", "RECEIVERS", "SENT MB"
+    );
+    for s in all {
+        let done = s.receivers.iter().filter(|r| r.confirmed).count();
+        out.push_str(&format!(
+            "{:<16}  {:>5}  {:<20}  {:<21}  {:<16}  {:<8}  {:>9}  {:>9.1}\n",
+            s.id,
+            s.job,
+            s.image,
+            s.group,
+            s.cipher,
+            s.state,
+            format!("{done}/{}", s.receivers.len()),
+            s.bytes_sent as f64 / 1e6
+        ));
+    }
+    out
+}
+
+fn session_text(s: &SessionSnapshot) -> String {
+    let mut out = format!(
+        "session {} (job {} step {}): image {} to {} from {}, {}\nstate {}, {:.0} s old{}, starts at {} receivers or after {} s\nsent {} datagrams, {:.1} MB ({:.2} per image byte), {} repair blocks, rate {:.0} MB/s, {} bad reports\n",
+        s.id,
+        s.job,
+        s.step,
+        s.image,
+        s.group,
+        s.sender,
+        s.cipher,
+        s.state,
+        s.age_secs,
+        s.started_after_secs
+            .map_or(String::new(), |t| format!(", started after {t:.1} s")),
+        s.min_receivers,
+        s.wait_secs,
+        s.datagrams,
+        s.bytes_sent as f64 / 1e6,
+        s.bytes_sent as f64 / s.image_bytes.max(1) as f64,
+        s.repair_blocks,
+        s.rate_mbps,
+        s.bad_reports
+    );
+    out.push_str(&format!(
+        "{:>8}  {:>6}  {:>9}  {:>7}  {:>6}  {:>9}  {:>7}  {:>7}  {:>8}  {:>6}  {}\n",
+        "RECEIVER",
+        "DEVICE",
+        "PROGRESS",
+        "MB/S",
+        "LOSS%",
+        "REPAIRS",
+        "FORGED",
+        "SKIPPED",
+        "BAD CHK",
+        "ETA",
+        "STATE"
+    ));
+    for r in &s.receivers {
+        let pct = 100.0 * r.chunks_done as f64 / f64::from(s.data_chunks.max(1));
+        let state = if r.confirmed {
+            "complete (confirmed)"
+        } else if r.wrong_digest {
+            "WRONG DIGEST"
+        } else if !r.member {
+            "left"
+        } else if r.busy {
+            "busy (disk)"
+        } else {
+            "receiving"
+        };
+        out.push_str(&format!(
+            "{:>8}  {:>6}  {:>8.1}%  {:>7.1}  {:>6.2}  {:>9}  {:>7}  {:>7}  {:>8}  {:>6}  {state}\n",
+            r.receiver,
+            r.device.map_or("-".into(), |d| d.to_string()),
+            pct,
+            r.mbps,
+            r.loss_pct,
+            r.repairs_requested,
+            r.forged,
+            r.skipped,
+            r.bad_chunks,
+            r.eta_secs.map_or("-".into(), |e| format!("{e:.0}s")),
+        ));
+    }
+    out
 }
 
 fn jobs_table(jobs: &[Job]) -> String {

@@ -13,6 +13,8 @@
 //! and the agent verifies every chunk against its table before writing.
 
 use std::collections::HashMap;
+
+pub mod multicast;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;

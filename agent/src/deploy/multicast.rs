@@ -1,0 +1,409 @@
+//! The multicast half of the deploy step (`docs/multicast.md`): join the
+//! session's group, receive, authenticate and decrypt datagrams, assemble
+//! chunks, verify each against the chunk table, write it, and report what
+//! is missing to the sender. `shoal_protocol::multicast::Receiver` is the
+//! state machine; this is its I/O.
+//!
+//! Two threads: this one receives (a 16 MiB socket buffer) and decrypts; a worker verifies (SHA-1 and
+//! SHA-256 of every chunk), decompresses and writes with `O_DIRECT`, in
+//! whatever order chunks complete. Memory is bounded by the receiver's
+//! chunk buffers. The multicast phase ends when every data chunk is
+//! written, or hands the rest to the unicast pull ([`super::deploy`]):
+//! when no multicast arrives within the session's start bound (a switch
+//! that drops it), when the stream stalls, when this disk is the
+//! bottleneck (a straggler, served by TCP at its own pace, like WDS'
+//! slow-client split) or for a chunk that failed verification twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, TrySendError};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use nix::sys::socket::{self as sock, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use shoal_protocol::image::{decode_chunk_into, Image};
+use shoal_protocol::multicast::{
+    completion_digest, Cipher, Event, Geometry, Receiver, ReceiverConfig, ReceiverStats,
+};
+
+use super::{DeployError, Meter, Progress};
+use crate::disk::progress::{Rate, Written};
+use crate::disk::writer::DiskWriter;
+
+/// The session as the offer describes it.
+#[derive(Debug, Clone)]
+pub struct McastConfig {
+    pub group: SocketAddrV4,
+    pub sender: SocketAddr,
+    pub session: u64,
+    pub key: [u8; 32],
+    pub cipher: Cipher,
+    pub receiver: u32,
+    pub payload: usize,
+    /// No data by then: multicast does not reach us.
+    pub first_data_within: Duration,
+    /// Chunk buffers (assembling or waiting for the disk).
+    pub max_partials: usize,
+}
+
+/// No data at all for this long while chunks are missing: stalled.
+pub const STALL: Duration = Duration::from_secs(5);
+/// How long a done receiver waits for the sender's acknowledgement.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(3);
+/// A chunk that fails verification this often comes by unicast.
+pub const MAX_FAILS: u32 = 2;
+
+/// How the multicast phase went.
+#[derive(Debug, Clone, Default)]
+pub struct McastSummary {
+    pub stats: ReceiverStats,
+    /// Why the rest came by unicast, if it did.
+    pub fell_back: Option<String>,
+    /// Chunks written from multicast.
+    pub chunks: u64,
+    pub elapsed: Duration,
+}
+
+enum Written_ {
+    Ok(u32),
+    Bad(u32, String),
+}
+
+/// The socket: bound to the group's port on every address (acks come to
+/// it by unicast), member of the group on the interface at `local`.
+pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket, usize, bool)> {
+    let fd = sock::socket(
+        sock::AddressFamily::Inet,
+        sock::SockType::Datagram,
+        sock::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let want = 16 << 20;
+    if sock::setsockopt(&fd, sockopt::RcvBufForce, &want).is_err() {
+        let _ = sock::setsockopt(&fd, sockopt::RcvBuf, &want);
+    }
+    let buffer = sock::getsockopt(&fd, sockopt::RcvBuf).unwrap_or(0);
+    // UDP GRO is left off: on veth it made receiving several times slower
+    // here (the recv path still splits coalesced buffers if a kernel sends
+    // them).
+    let gro = false;
+    let any = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.group.port()));
+    sock::bind(fd.as_raw_fd(), &any)?;
+    let s = UdpSocket::from(fd);
+    s.join_multicast_v4(cfg.group.ip(), &local)?;
+    s.set_read_timeout(Some(Duration::from_millis(5)))?;
+    Ok((s, buffer, gro))
+}
+
+/// The address of the interface that reaches `sender`.
+pub fn local_address(sender: SocketAddr) -> io::Result<Ipv4Addr> {
+    let probe = UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(sender)?;
+    match probe.local_addr()? {
+        SocketAddr::V4(a) => Ok(*a.ip()),
+        SocketAddr::V6(_) => Err(io::Error::other("the sender is not IPv4")),
+    }
+}
+
+/// Receives from the session until every data chunk is written or a reason
+/// to go unicast comes up; `written` records what is on the disk either way.
+#[allow(clippy::too_many_arguments)]
+pub fn receive<F: FnMut(Progress)>(
+    cfg: &McastConfig,
+    socket: &UdpSocket,
+    rx: &mut Receiver,
+    image: &Image,
+    writer: &mut DiskWriter,
+    written: &mut Written,
+    meter: &mut Meter<F>,
+    cancel: &AtomicBool,
+) -> Result<McastSummary, DeployError> {
+    let start = Instant::now();
+    let mut summary = McastSummary::default();
+    let (to_disk, from_net) = mpsc::sync_channel::<(u32, Vec<u8>)>(2);
+    let (done_tx, done_rx) = mpsc::channel::<Written_>();
+    let header = image.header.clone();
+    let fatal: Result<(), DeployError> = std::thread::scope(|scope| {
+        let worker = scope.spawn(move || -> Result<(), DeployError> {
+            let mut out = vec![0u8; header.chunk_size as usize];
+            for (chunk, stored) in from_net {
+                let entry = &image.chunks[chunk as usize];
+                let buf = &mut out[..entry.volume_len as usize];
+                if let Err(e) = decode_chunk_into(&header, entry, &stored, buf) {
+                    let _ = done_tx.send(Written_::Bad(chunk, e.to_string()));
+                    continue;
+                }
+                writer
+                    .write_at(entry.volume_offset, buf)
+                    .map_err(|source| DeployError::Write {
+                        index: u64::from(chunk),
+                        source,
+                    })?;
+                written
+                    .mark(chunk as usize)
+                    .map_err(|source| DeployError::Mark {
+                        index: u64::from(chunk),
+                        source,
+                    })?;
+                let _ = done_tx.send(Written_::Ok(chunk));
+            }
+            Ok(())
+        });
+        let r = pump(
+            cfg,
+            socket,
+            rx,
+            image,
+            &to_disk,
+            &done_rx,
+            meter,
+            cancel,
+            &mut summary,
+        );
+        drop(to_disk);
+        let w = match worker.join() {
+            Ok(w) => w,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        // Apply what the worker finished after the pump stopped.
+        for d in done_rx.try_iter() {
+            apply(rx, d, image, meter, &mut summary, &mut HashMap::new());
+        }
+        w.and(r)
+    });
+    fatal?;
+    summary.stats = rx.stats();
+    summary.elapsed = start.elapsed();
+    Ok(summary)
+}
+
+fn apply<F: FnMut(Progress)>(
+    rx: &mut Receiver,
+    d: Written_,
+    image: &Image,
+    meter: &mut Meter<F>,
+    summary: &mut McastSummary,
+    fails: &mut HashMap<u32, u32>,
+) {
+    match d {
+        Written_::Ok(c) => {
+            rx.written(c);
+            summary.chunks += 1;
+            meter.add(u64::from(image.chunks[c as usize].volume_len));
+        }
+        Written_::Bad(c, why) => {
+            warn!("multicast: chunk {c} failed verification ({why}); dropped, asking again");
+            rx.failed(c);
+            *fails.entry(c).or_default() += 1;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pump<F: FnMut(Progress)>(
+    cfg: &McastConfig,
+    socket: &UdpSocket,
+    rx: &mut Receiver,
+    image: &Image,
+    to_disk: &mpsc::SyncSender<(u32, Vec<u8>)>,
+    done: &mpsc::Receiver<Written_>,
+    meter: &mut Meter<F>,
+    cancel: &AtomicBool,
+    summary: &mut McastSummary,
+) -> Result<(), DeployError> {
+    let start = Instant::now();
+    let mut ready: VecDeque<(u32, Vec<u8>)> = VecDeque::new();
+    let mut fails: HashMap<u32, u32> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut was_busy = false;
+    let mut last_log = start;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            summary.fell_back = Some("cancelled".into());
+            return Ok(());
+        }
+        for d in done.try_iter() {
+            apply(rx, d, image, meter, summary, &mut fails);
+        }
+        while let Some(item) = ready.pop_front() {
+            match to_disk.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    ready.push_front(item);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => return Ok(()),
+            }
+        }
+        let now = Instant::now();
+        if rx.complete() {
+            return Ok(());
+        }
+        was_busy |= rx.busy();
+        let idle = rx.stream_idle(now);
+        let reason = match rx.last_data() {
+            None if now.duration_since(start) > cfg.first_data_within => Some(format!(
+                "no multicast data within {} s",
+                cfg.first_data_within.as_secs()
+            )),
+            Some(t) if now.duration_since(t) > STALL => {
+                Some(format!("multicast stream silent for {} s", STALL.as_secs()))
+            }
+            Some(_) if idle && was_busy && rx.handed() == 0 => Some(
+                "this disk is slower than the session (its buffers filled): the rest by unicast"
+                    .into(),
+            ),
+            _ if idle && rx.handed() == 0 && fails.values().any(|&f| f >= MAX_FAILS) => {
+                let bad: Vec<u32> = fails
+                    .iter()
+                    .filter(|(_, f)| **f >= MAX_FAILS)
+                    .map(|(c, _)| *c)
+                    .collect();
+                Some(format!(
+                    "chunks {bad:?} failed verification {MAX_FAILS} times: fetching them by unicast"
+                ))
+            }
+            _ => None,
+        };
+        if let Some(r) = reason {
+            if ready.is_empty() && rx.handed() == 0 {
+                info!("multicast: {r}");
+                summary.fell_back = Some(r);
+                return Ok(());
+            }
+        }
+        if let Some(report) = rx.poll(now) {
+            if let Err(e) = socket.send_to(&report, cfg.sender) {
+                debug!("multicast: report to {}: {e}", cfg.sender);
+            }
+        }
+        if now.duration_since(last_log) >= Duration::from_secs(5) {
+            last_log = now;
+            let s = rx.stats();
+            debug!(
+                "multicast: {} chunks written, {} missing, received {}, lost {}, forged {}, skipped {}",
+                s.chunks_done,
+                rx.missing().len(),
+                s.received,
+                s.lost,
+                s.forged,
+                s.skipped
+            );
+        }
+        // Receive what is there (bounded per turn, so reports still go).
+        for _ in 0..64 {
+            let (n, seg) = match recv_gro(socket, &mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("multicast: receiving: {e}");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            let seg = if seg == 0 { n } else { seg };
+            let mut off = 0;
+            while off < n {
+                let end = (off + seg).min(n);
+                if let Ok(Event::Complete { chunk, stored }) =
+                    rx.on_datagram(now, &mut buf[off..end])
+                {
+                    ready.push_back((chunk, stored));
+                }
+                off = end;
+            }
+        }
+    }
+}
+
+/// One `recvmsg`: bytes read and the GRO segment size (0: one datagram).
+fn recv_gro(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+    let mut cmsg = nix::cmsg_space!(i32);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = sock::recvmsg::<SockaddrIn>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let mut seg = 0;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(s) = c {
+                seg = s as usize;
+            }
+        }
+    }
+    Ok((msg.bytes, seg))
+}
+
+/// Tells the sender we are done and waits (bounded) for its verdict.
+pub fn confirm(cfg: &McastConfig, socket: &UdpSocket, rx: &mut Receiver) -> Option<bool> {
+    let deadline = Instant::now() + CONFIRM_WAIT;
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        if let Some(v) = rx.confirmed() {
+            return Some(v);
+        }
+        if let Some(report) = rx.poll(Instant::now()) {
+            let _ = socket.send_to(&report, cfg.sender);
+        }
+        if let Ok((n, seg)) = recv_gro(socket, &mut buf) {
+            let seg = if seg == 0 { n } else { seg };
+            let mut off = 0;
+            while off < n {
+                let end = (off + seg).min(n);
+                let _ = rx.on_datagram(Instant::now(), &mut buf[off..end]);
+                off = end;
+            }
+        }
+    }
+    rx.confirmed()
+}
+
+/// The receiver state machine for `image` in this session.
+pub fn receiver(cfg: &McastConfig, image: &Image, written: &Written) -> Receiver {
+    Receiver::new(
+        ReceiverConfig {
+            session: cfg.session,
+            key: cfg.key,
+            cipher: cfg.cipher,
+            receiver: cfg.receiver,
+            payload: cfg.payload,
+            max_partials: cfg.max_partials,
+            digest: completion_digest(image),
+        },
+        Geometry::of_image(image, cfg.payload),
+        |i| written.contains(i),
+    )
+}
+
+/// A fresh meter for the multicast phase.
+pub fn meter<F: FnMut(Progress)>(image: &Image, written: &Written, callback: F) -> Meter<F> {
+    let total = image.header.metadata.source_size;
+    let done: u64 = image
+        .chunks
+        .iter()
+        .filter(|e| written.contains(e.index as usize))
+        .map(|e| u64::from(e.volume_len))
+        .sum();
+    Meter {
+        rate: Rate::new(total, done, Duration::from_secs(5), Instant::now()),
+        done,
+        last: None,
+        callback,
+    }
+}

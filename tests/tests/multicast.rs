@@ -1,0 +1,263 @@
+//! Multicast deploys end to end with the real binaries: a Controller and
+//! agents as ordinary processes in network namespaces on one bridge, real
+//! multicast between them, one job on several devices (one session), and
+//! every target compared with the source afterwards.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shoal_tests::proc::{tail, Proc};
+use shoal_tests::site::{job_id, Controller, FakeMachine, Lan};
+
+const T: Duration = Duration::from_secs(30);
+const MIB: usize = 1 << 20;
+
+/// `mib` MiB: random, a zero chunk and some text, so there are raw,
+/// compressed and zero chunks.
+fn source(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
+    let len = mib * MIB + 5 * 512;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed;
+    let bytes: Vec<u8> = (0..len)
+        .map(|i| {
+            if (4 * MIB..8 * MIB).contains(&i) {
+                0
+            } else if (8 * MIB..12 * MIB).contains(&i) {
+                b"shoal multicast test line\n"[i % 26]
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+struct Fleet {
+    lan: Lan,
+    ctl: Controller,
+    machines: Vec<FakeMachine>,
+    agents: Vec<Option<Proc>>,
+    hosts: Vec<usize>,
+    targets: Vec<PathBuf>,
+    bytes: Vec<u8>,
+    _state: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new(n: usize, mib: usize, ctl_args: &[&str]) -> Fleet {
+        let mut lan = Lan::new();
+        let state = tempfile::tempdir().unwrap();
+        let listen = format!("{}:7000", lan.gateway());
+        let ctl = Controller::start(state.path(), Some(&lan.ns), &listen, 7100, ctl_args);
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk.raw");
+        let bytes = source(&raw, mib, n as u64);
+        ctl.ctl_ok(&["image", "group", "create", "lab"]);
+        ctl.ctl_ok(&[
+            "image",
+            "add",
+            "lab",
+            raw.to_str().unwrap(),
+            "--name",
+            "disk",
+            "--compression",
+            "fast",
+        ]);
+        let machines: Vec<FakeMachine> = (1..=n as u32)
+            .map(|i| FakeMachine::new(i, (mib as u64) * 2))
+            .collect();
+        let hosts = (0..n).map(|i| lan.add_host(10 + i as u8)).collect();
+        let targets = machines
+            .iter()
+            .map(|m| {
+                // `auto` picks the machine's `vda`: ROOT/dev/vda.
+                let p = m.dir.path().join("dev/vda");
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, vec![0xaa; bytes.len() + MIB]).unwrap();
+                p
+            })
+            .collect();
+        let mut f = Fleet {
+            lan,
+            ctl,
+            machines,
+            agents: Vec::new(),
+            hosts,
+            targets,
+            bytes,
+            _state: state,
+            _dir: dir,
+        };
+        for i in 0..n {
+            f.agents.push(None);
+            f.start_agent(i);
+        }
+        f
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let cmdline = self.ctl.agent_cmdline();
+        let mut a = self.machines[i].agent(
+            &format!("agent{}", i + 1),
+            Some(&self.lan.hosts[self.hosts[i]]),
+            &cmdline,
+        );
+        a.expect("registered with controller", T);
+        self.agents[i] = Some(a);
+    }
+
+    /// One job deploying the image to every machine's target.
+    fn deploy(&self, options: &str) -> String {
+        let mut args: Vec<String> = vec!["jobs".into(), "run".into()];
+        for m in &self.machines {
+            args.push("--device".into());
+            args.push(m.uuid.clone());
+        }
+        args.push(format!("deploy:lab/disk@auto{options}"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        job_id(&self.ctl.ctl_ok(&refs))
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "controller log:\n{}\nagents:\n{}",
+            tail(&self.ctl.proc.log(), 6000),
+            self.agents
+                .iter()
+                .flatten()
+                .map(|a| tail(&a.log(), 3000).to_owned())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        )
+    }
+
+    /// Waits for `job` to succeed on every device; returns `jobs show`.
+    fn wait(&self, job: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let shown = self.ctl.ctl_ok(&["jobs", "show", job]);
+            let ok = shown.matches("succeeded").count() >= self.machines.len();
+            if ok {
+                return shown;
+            }
+            assert!(
+                !shown.contains("failed") && Instant::now() < deadline,
+                "job {job}:\n{shown}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn session(&self, job: &str) -> serde_json::Value {
+        let out = self
+            .ctl
+            .ctl_ok(&["--json", "sessions", "show", &format!("job:{job}")]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn check_targets(&self) {
+        for t in &self.targets {
+            let got = std::fs::read(t).unwrap();
+            assert!(
+                got[..self.bytes.len()] == self.bytes[..],
+                "{} holds the source bytes",
+                t.display()
+            );
+            assert!(
+                got[self.bytes.len()..].iter().all(|&b| b == 0xaa),
+                "nothing written past the image in {}",
+                t.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn four_agents_one_session_and_a_rogue_sender_changes_nothing() {
+    let f = Fleet::new(4, 24, &[]);
+    let job = f.deploy(";min=4;wait=20");
+    // The rogue: on the bridge, same group and session ID as soon as the
+    // session exists, random blocks with random tags.
+    let t0 = Instant::now();
+    let (group, id) = loop {
+        let out = f
+            .ctl
+            .ctl(&["--json", "sessions", "show", &format!("job:{job}")]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            break (
+                v["group"].as_str().unwrap().to_owned(),
+                u64::from_str_radix(v["id"].as_str().unwrap(), 16).unwrap(),
+            );
+        }
+        assert!(t0.elapsed() < T, "no session for job {job}\n{}", f.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rogue = {
+        let stop = stop.clone();
+        let ns = f.lan.ns.name().to_owned();
+        let src = f.lan.gateway();
+        std::thread::spawn(move || rogue(&ns, &src, &group, id, &stop))
+    };
+    let shown = f.wait(&job, Duration::from_secs(120));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = rogue.join().unwrap();
+    println!("{shown}");
+    f.check_targets();
+    let s = f.session(&job);
+    println!("{}", serde_json::to_string_pretty(&s).unwrap());
+    let rs = s["receivers"].as_array().unwrap();
+    assert_eq!(rs.len(), 4, "{s}");
+    assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
+    let forged: u64 = rs.iter().map(|r| r["forged"].as_u64().unwrap()).sum();
+    assert!(
+        sent > 0 && forged > 0,
+        "rogue sent {sent}, receivers counted {forged}: {s}"
+    );
+    println!("{}", f.logs());
+    assert!(s["cipher"] == "chacha20poly1305", "{s}");
+}
+
+/// Sends forged data datagrams from namespace `ns` until `stop`; returns
+/// how many.
+fn rogue(
+    ns: &str,
+    src: &str,
+    group: &str,
+    session: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u64 {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let sock = std::net::UdpSocket::bind(format!("{src}:0")).unwrap();
+    let mut x: u64 = 0x1234_5678;
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+        let mut d = vec![0u8; 1472];
+        d[0..2].copy_from_slice(b"SM");
+        d[2] = 1;
+        d[3] = 1;
+        d[4..12].copy_from_slice(&session.to_be_bytes());
+        for b in d[12..].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        // Plausible indices: chunk 0..6, block 0..2900.
+        d[20..24].copy_from_slice(&((x % 6) as u32).to_be_bytes());
+        d[24..28].copy_from_slice(&(((x >> 8) % 2900) as u32).to_be_bytes());
+        if sock.send_to(&d, group).is_ok() {
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    n
+}
