@@ -13,6 +13,12 @@
 //!   random, 1/3 compressible text, 1/3 zeros) into a file at each
 //!   compression level, against a raw TCP copy of the same bytes (socat into
 //!   `dd oflag=direct conv=fsync`) between the same two namespaces.
+//! - `multicast`: one Controller on a bridge and N agents (each in its own
+//!   namespace) receiving a `--size-mib` image of random bytes in one
+//!   `mode=multicast` deploy job, against Debian's udpcast (`udp-sender` on
+//!   the same bridge, N `udp-receiver`s in the same namespaces), for each
+//!   N of `--receivers`: wall time, bytes on the wire per image byte, CPU,
+//!   peak RSS, and every received file compared with the source.
 
 use std::time::Duration;
 
@@ -27,17 +33,21 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     pub what: What,
-    #[arg(long, default_value_t = 5)]
-    pub runs: usize,
+    /// Runs per measurement (default 5; multicast: 3).
+    #[arg(long)]
+    pub runs: Option<usize>,
     /// heartbeats: swarm sizes to try.
     #[arg(long, value_delimiter = ',', default_value = "100,500,1000,2000")]
     pub counts: Vec<usize>,
     /// heartbeats: seconds to measure each size for, after all registered.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// deploy: size of the source image in MiB.
+    /// deploy, multicast: size of the source image in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
+    /// multicast: receiver counts to try.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub receivers: Vec<usize>,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
@@ -47,6 +57,19 @@ pub enum What {
     Boot,
     Heartbeats,
     Deploy,
+    Multicast,
+}
+
+impl BenchArgs {
+    /// `--runs`, or the default for the benchmark.
+    pub fn runs(&self) -> usize {
+        self.runs
+            .unwrap_or(match self.what {
+                What::Multicast => 3,
+                _ => 5,
+            })
+            .max(1)
+    }
 }
 
 pub fn median(v: &mut [f64]) -> f64 {
@@ -67,6 +90,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         What::Boot => boot(args),
         What::Heartbeats => heartbeats(args),
         What::Deploy => deploy(args),
+        What::Multicast => multicast(args),
     }
 }
 
@@ -80,12 +104,13 @@ fn boot(args: &BenchArgs) -> anyhow::Result<()> {
     }
     println!(
         "bench boot: kernel {}, {} runs each, QEMU TCG, 1 vCPU, virtio NIC on user network",
-        kernel.version, args.runs
+        kernel.version,
+        args.runs()
     );
     for (label, image) in images {
         let mut to_lease = Vec::new();
         let mut to_init = Vec::new();
-        for run in 1..=args.runs {
+        for run in 1..=args.runs() {
             let mut vm = VmBuilder::new(&image, &initrd)
                 .name("bench")
                 .nic(LAB_MAC, NetBackend::User)
@@ -124,12 +149,39 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// Peak resident set size (`VmHWM`) of a live process, in MiB; 0 once it
+/// has exited (a zombie has no memory left to report).
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Starts a new peak: `VmHWM` drops to the current RSS (`clear_refs` 5).
+fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in MiB.
+fn status_mib(pid: u32, key: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `D`, `Z` for a zombie).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 fn heartbeats(args: &BenchArgs) -> anyhow::Result<()> {
@@ -348,25 +400,35 @@ fn wrote_secs(line: &str) -> Option<f64> {
     after.split_whitespace().next()?.parse().ok()
 }
 
-fn ensure_socat() -> anyhow::Result<()> {
-    let have = |p: &str| {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !have("socat") {
-        println!("  (installing socat with apt-get)");
-        let st = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-q", "socat"])
-            .stdout(std::process::Stdio::null())
-            .status()?;
-        anyhow::ensure!(
-            st.success() && have("socat"),
-            "socat is missing and apt-get could not install it"
-        );
+fn have_program(p: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {p}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs Debian's `package` with apt-get unless all of `programs` are
+/// already on PATH.
+fn ensure_package(package: &str, programs: &[&str]) -> anyhow::Result<()> {
+    if programs.iter().all(|p| have_program(p)) {
+        return Ok(());
     }
-    anyhow::ensure!(have("dd"), "dd is missing");
+    println!("  (installing {package} with apt-get)");
+    let st = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", package])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(
+        st.success() && programs.iter().all(|p| have_program(p)),
+        "{} missing and apt-get could not install {package}",
+        programs.join(", ")
+    );
+    Ok(())
+}
+
+fn ensure_socat() -> anyhow::Result<()> {
+    ensure_package("socat", &["socat"])?;
+    anyhow::ensure!(have_program("dd"), "dd is missing");
     Ok(())
 }
 
@@ -426,7 +488,7 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
         "bench deploy: {size_mib} MiB source ({}; 1/3 random, 1/3 log text, 1/3 zeros in 8 MiB runs) ready in {:.1} s; {} runs per level; release Controller, agent profile `agent`",
         src.display(),
         t.elapsed().as_secs_f64(),
-        args.runs
+        args.runs()
     );
 
     let mut lan = Lan::new();
@@ -490,7 +552,7 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
     let mut shoal: Vec<(&str, Samples)> = levels.iter().map(|l| (*l, Samples::default())).collect();
     let mut raw = Samples::default();
     let port = 7300;
-    for run in 1..=args.runs {
+    for run in 1..=args.runs() {
         for (level, s) in shoal.iter_mut() {
             fresh_target(&target, bytes)?;
             let step = format!("deploy:bench-{level}/disk@file={}", target.display());
@@ -592,7 +654,7 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "  {size_mib} MiB image, medians of {} runs (MiB/s; CPU s per GiB of image)",
-        args.runs
+        args.runs()
     );
     println!("  what              MiB/s  (agent)  vs raw   CPU send   CPU recv");
     for (level, s) in shoal.iter_mut() {
@@ -612,5 +674,865 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
     println!("  (shoal: submission to the agent's \"succeeded\" line, CPU of the Controller and agent processes;");
     println!("   raw: socat FILE -> TCP -> socat | dd oflag=direct conv=fsync, CPU of sender / receiver pipelines;");
     println!("   both write the target with O_DIRECT and fsync before done; the source is in the page cache)");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// multicast: Shoal's `mode=multicast` deploy against udpcast.
+
+/// Writes (or reuses) `size_mib` MiB of xorshift bytes: nothing for a
+/// compressor to gain, nothing a zero-skipping sender could leave out.
+fn random_source(path: &std::path::Path, size_mib: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size_mib * MIB) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("partial");
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut block = vec![0u8; MIB as usize];
+    for _ in 0..size_mib {
+        for w in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        out.write_all(&block)?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// `/sys/class/net/DEV/statistics/tx_bytes` as seen inside `ns`.
+fn tx_bytes(ns: &shoal_tests::netns::Netns, dev: &str) -> anyhow::Result<u64> {
+    let path = format!("/sys/class/net/{dev}/statistics/tx_bytes");
+    let out = ns.command("cat").arg(&path).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot read {path} in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// The median O_DIRECT write rate of this machine's disk where the
+/// receivers write: `dd if=/dev/zero of=F bs=1M count=SIZE oflag=direct`,
+/// in MB/s (10^6 bytes per second).
+fn odirect_limit(dir: &std::path::Path, size_mib: u64, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let f = dir.join("odirect-limit.tmp");
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&f);
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", f.display()))
+            .args(["bs=1M", &format!("count={size_mib}"), "oflag=direct"])
+            .output()?;
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            out.status.success(),
+            "dd oflag=direct failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        rates.push((size_mib * MIB) as f64 / secs / 1e6);
+    }
+    let _ = std::fs::remove_file(&f);
+    Ok(rates)
+}
+
+/// A process watched to its end: exit time and status, CPU seconds (read
+/// from its zombie, before it is reaped) and the peak RSS sampled while it
+/// ran. Killed on drop if still running.
+struct Watched {
+    label: String,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    /// Seconds from the run's start, and the status.
+    end: Option<(f64, std::process::ExitStatus)>,
+    cpu: f64,
+    peak_mib: f64,
+}
+
+impl Watched {
+    /// Starts `cmd` with stdin closed and stdout and stderr into `log`.
+    fn spawn(
+        label: &str,
+        mut cmd: std::process::Command,
+        log: std::path::PathBuf,
+    ) -> anyhow::Result<Watched> {
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {label} ({cmd:?}): {e}"))?;
+        Ok(Watched {
+            label: label.to_owned(),
+            child,
+            log,
+            end: None,
+            cpu: 0.0,
+            peak_mib: 0.0,
+        })
+    }
+
+    /// Samples the process; reaps it once it has exited. True when done.
+    fn poll(&mut self, t0: std::time::Instant) -> bool {
+        if self.end.is_some() {
+            return true;
+        }
+        // `ip netns exec` execs the program in place: this pid is the program.
+        let pid = self.child.id();
+        let state = proc_state(pid);
+        if state.is_some_and(|s| s != 'Z') {
+            self.cpu = cpu_seconds(pid);
+            self.peak_mib = self.peak_mib.max(peak_rss_mib(pid));
+            return false;
+        }
+        // A zombie still shows its CPU times until it is reaped.
+        if state == Some('Z') {
+            self.cpu = cpu_seconds(pid);
+        }
+        match self.child.try_wait() {
+            Ok(Some(st)) => {
+                self.end = Some((t0.elapsed().as_secs_f64(), st));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn kill(&mut self) {
+        if self.end.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        // udpcast redraws its progress line with carriage returns.
+        let text = text.replace('\r', "\n");
+        shoal_tests::proc::tail(&text, 600).trim().to_owned()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One run of one tool for N receivers.
+#[derive(Debug, Default, Clone)]
+struct McastRun {
+    /// Seconds from the sender's start (udpcast) or the job's submission
+    /// (Shoal) to the last receiver's exit (udpcast) or the job's end.
+    wall: f64,
+    /// udpcast: `wall` plus an fsync of every received file (Shoal's agents
+    /// fsync before they report success).
+    wall_sync: f64,
+    /// udpcast: when the sender exited; Shoal: the Controller's own span,
+    /// job created to last step finished.
+    other: f64,
+    /// Bytes the sender's interface sent per image byte.
+    wire: f64,
+    send_cpu: f64,
+    recv_cpu: Vec<f64>,
+    send_rss: f64,
+    recv_rss: Vec<f64>,
+    /// Received files that differ from the source.
+    mismatches: usize,
+    /// Receivers (and sender) that exited non-zero or were killed.
+    failed_exits: usize,
+}
+
+const UDPCAST_PORTBASE: &str = "9000";
+/// Both ends rendezvous on this group: the harness's addresses have no
+/// broadcast address (`ip addr add` without `brd`), which udpcast's
+/// default broadcast rendezvous needs.
+const UDPCAST_RDV: &str = "224.0.0.1";
+
+/// The `udp-receiver` arguments for one receiver.
+fn udp_receiver_args(out: &std::path::Path, limit: Duration) -> Vec<String> {
+    [
+        "--file",
+        &out.display().to_string(),
+        "--interface",
+        "eth0",
+        "--portbase",
+        UDPCAST_PORTBASE,
+        "--mcast-rdv-address",
+        UDPCAST_RDV,
+        "--nokbd",
+        "--start-timeout",
+        &limit.as_secs().min(60).to_string(),
+        "--receive-timeout",
+        "20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The `udp-sender` arguments for `n` receivers. `--nopointopoint`: with
+/// one receiver udpcast would switch to unicast; the bench compares
+/// multicast with multicast at every N. `--rexmit-hello-interval 100`:
+/// without it udp-sender looks at its start condition (`--min-receivers`)
+/// only every 2 s, and sits idle for up to 2 s after the last receiver
+/// joined.
+fn udp_sender_args(src: &std::path::Path, n: usize, limit: Duration) -> Vec<String> {
+    [
+        "--file",
+        &src.display().to_string(),
+        "--interface",
+        "br0",
+        "--portbase",
+        UDPCAST_PORTBASE,
+        "--mcast-rdv-address",
+        UDPCAST_RDV,
+        "--min-receivers",
+        &n.to_string(),
+        "--max-wait",
+        "20",
+        "--rexmit-hello-interval",
+        "100",
+        "--start-timeout",
+        &limit.as_secs().min(60).to_string(),
+        "--nopointopoint",
+        "--nokbd",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// udpcast from the bridge's namespace to the first `n` hosts, each
+/// writing its own file. Process failures and wrong bytes are counted and
+/// reported, not returned as errors.
+#[allow(clippy::too_many_arguments)]
+fn udpcast_run(
+    lan: &shoal_tests::site::Lan,
+    n: usize,
+    src: &std::path::Path,
+    outs: &[std::path::PathBuf],
+    bytes: u64,
+    logs: &std::path::Path,
+    limit: Duration,
+    label: &str,
+) -> anyhow::Result<McastRun> {
+    use std::time::Instant;
+    for out in &outs[..n] {
+        fresh_target(out, bytes)?;
+    }
+    let tx0 = tx_bytes(&lan.ns, "br0")?;
+    let mut receivers = Vec::new();
+    for (k, out) in outs[..n].iter().enumerate() {
+        let mut cmd = lan.hosts[k].command("udp-receiver");
+        cmd.args(udp_receiver_args(out, limit));
+        receivers.push(Watched::spawn(
+            &format!("udp-receiver {}", k + 1),
+            cmd,
+            logs.join(format!("udp-receiver-{}.log", k + 1)),
+        )?);
+    }
+    // Each receiver has its socket once it names its address.
+    let ready = Instant::now();
+    while ready.elapsed() < Duration::from_secs(5)
+        && !receivers
+            .iter()
+            .all(|r| std::fs::read_to_string(&r.log).is_ok_and(|l| l.contains("UDP receiver for")))
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+
+    let t0 = Instant::now();
+    let mut cmd = lan.ns.command("udp-sender");
+    cmd.args(udp_sender_args(src, n, limit));
+    let mut sender = Watched::spawn("udp-sender", cmd, logs.join("udp-sender.log"))?;
+    loop {
+        let mut done = sender.poll(t0);
+        for r in receivers.iter_mut() {
+            done &= r.poll(t0);
+        }
+        if done {
+            break;
+        }
+        if t0.elapsed() > limit {
+            for w in std::iter::once(&mut sender).chain(receivers.iter_mut()) {
+                if w.end.is_none() {
+                    println!(
+                        "  !! {label}: {} still running after {} s: killed",
+                        w.label,
+                        limit.as_secs()
+                    );
+                    w.kill();
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let tx1 = tx_bytes(&lan.ns, "br0")?;
+    let wall = receivers
+        .iter()
+        .map(|r| r.end.map_or(t0.elapsed().as_secs_f64(), |(s, _)| s))
+        .fold(0.0, f64::max);
+    // What Shoal's agents do before they report success: make it durable.
+    let sync_t = Instant::now();
+    let synced = std::process::Command::new("sync")
+        .args(&outs[..n])
+        .status()?;
+    anyhow::ensure!(synced.success(), "sync of the received files failed");
+    let wall_sync = wall + sync_t.elapsed().as_secs_f64();
+
+    let mut run = McastRun {
+        wall,
+        wall_sync,
+        other: sender.end.map_or(f64::NAN, |(s, _)| s),
+        wire: (tx1 - tx0) as f64 / bytes as f64,
+        send_cpu: sender.cpu,
+        send_rss: sender.peak_mib,
+        ..McastRun::default()
+    };
+    for w in std::iter::once(&sender).chain(receivers.iter()) {
+        match w.end {
+            Some((_, st)) if st.success() => {}
+            Some((_, st)) => {
+                run.failed_exits += 1;
+                println!(
+                    "  !! {label}: {} exited with {st}; its log ends:\n{}",
+                    w.label,
+                    w.log_tail()
+                );
+            }
+            None => run.failed_exits += 1,
+        }
+    }
+    for (r, out) in receivers.iter().zip(outs) {
+        run.recv_cpu.push(r.cpu);
+        run.recv_rss.push(r.peak_mib);
+        if let Err(e) = same_bytes(src, out) {
+            run.mismatches += 1;
+            let exit = r
+                .end
+                .map_or("was killed".to_owned(), |(_, st)| format!("exited {st}"));
+            println!(
+                "  !! {label}: {} {exit} but its file is WRONG: {e:#}",
+                r.label
+            );
+        }
+    }
+    Ok(run)
+}
+
+/// The string values of `"key": "..."` in pretty JSON, in order.
+fn json_strings(text: &str, key: &str) -> Vec<String> {
+    let needle = format!("\"{key}\": \"");
+    text.match_indices(&needle)
+        .filter_map(|(i, _)| {
+            let rest = &text[i + needle.len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        })
+        .collect()
+}
+
+/// Milliseconds since the epoch of the Controller's `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let ms = if s.as_bytes().get(19) == Some(&b'.') {
+        num(20..23)?
+    } else {
+        0
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + ms)
+}
+
+/// The deploy step of the multicast bench: every agent's `vda` (a symlink
+/// to its own file in bench_dir), multicast, starting once `n` joined.
+fn multicast_step(n: usize) -> String {
+    format!("deploy:bench/disk@name=vda;mode=multicast;min={n};wait=30")
+}
+
+/// One `mode=multicast` job on the first `n` agents. An error is a failed
+/// job (or one that did not end in time); wrong bytes are counted.
+#[allow(clippy::too_many_arguments)]
+fn shoal_run(
+    lan: &shoal_tests::site::Lan,
+    ctl: &shoal_tests::site::Controller,
+    agents: &[(shoal_tests::proc::Proc, &shoal_tests::site::FakeMachine)],
+    n: usize,
+    src: &std::path::Path,
+    outs: &[std::path::PathBuf],
+    bytes: u64,
+    limit: Duration,
+    label: &str,
+) -> anyhow::Result<McastRun> {
+    use std::time::Instant;
+    for out in &outs[..n] {
+        fresh_target(out, bytes)?;
+    }
+    let agents = &agents[..n];
+    let cpid = ctl.proc.pid();
+    let apids: Vec<u32> = agents.iter().map(|(a, _)| a.pid()).collect();
+    for &pid in std::iter::once(&cpid).chain(&apids) {
+        reset_peak_rss(pid);
+    }
+    let c0 = cpu_seconds(cpid);
+    let a0: Vec<f64> = apids.iter().map(|&p| cpu_seconds(p)).collect();
+    let tx0 = tx_bytes(&lan.ns, "br0")?;
+    let step = multicast_step(n);
+    let mut argv = vec!["jobs", "run"];
+    for (_, m) in agents {
+        argv.extend(["--device", m.uuid.as_str()]);
+    }
+    argv.push(&step);
+
+    let t0 = Instant::now();
+    let out = ctl.ctl(&argv);
+    anyhow::ensure!(
+        out.status.success(),
+        "`shoalctl jobs run ... '{step}'` failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let job = shoal_tests::site::job_id(&String::from_utf8_lossy(&out.stdout));
+    let mut send_rss: f64 = 0.0;
+    let mut recv_rss = vec![0.0f64; n];
+    let (state, shown) = loop {
+        let shown = ctl.ctl(&["--json", "jobs", "show", &job]);
+        let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+        // The job's own state comes first (id, created_at, created_by,
+        // state, ...); the per-device results follow.
+        let state = json_strings(&text, "state").into_iter().next();
+        if let Some(s) =
+            state.filter(|s| ["succeeded", "failed", "cancelled"].contains(&s.as_str()))
+        {
+            break (s, text);
+        }
+        send_rss = send_rss.max(peak_rss_mib(cpid));
+        for (r, &pid) in recv_rss.iter_mut().zip(&apids) {
+            *r = r.max(peak_rss_mib(pid));
+        }
+        if t0.elapsed() > limit {
+            let _ = ctl.ctl(&["jobs", "cancel", &job]);
+            anyhow::bail!(
+                "job {job} did not end within {} s:\n{text}",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let tx1 = tx_bytes(&lan.ns, "br0")?;
+    // Peaks are monotonic while the processes live: one more read catches
+    // anything after the last sample.
+    send_rss = send_rss.max(peak_rss_mib(cpid));
+    for (r, &pid) in recv_rss.iter_mut().zip(&apids) {
+        *r = r.max(peak_rss_mib(pid));
+    }
+    if state != "succeeded" {
+        let human = String::from_utf8_lossy(&ctl.ctl(&["jobs", "show", &job]).stdout).into_owned();
+        let reasons = json_strings(&shown, "reason");
+        let first = reasons.first().cloned().unwrap_or_default();
+        // A Shoal without the `;KEY=VALUE` deploy options takes them for
+        // part of the disk selector.
+        let hint = if first.contains("no disk matches disk=name=vda;") {
+            "\n     (this Shoal does not know the deploy step's `;mode=multicast;min=N;wait=S` options yet)"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "job {job} ({step}) {state} after {wall:.1} s, {} of {n} devices failed, first: {first}{hint}\n{human}\nfirst agent's log ends:\n{}",
+            reasons.len(),
+            shoal_tests::proc::tail(&agents[0].0.log(), 1500)
+        );
+    }
+    let created = json_strings(&shown, "created_at")
+        .first()
+        .and_then(|s| rfc3339_ms(s));
+    let finished = json_strings(&shown, "finished_at")
+        .iter()
+        .filter_map(|s| rfc3339_ms(s))
+        .max();
+    let span = match (created, finished) {
+        (Some(c), Some(f)) => (f - c) as f64 / 1000.0,
+        _ => f64::NAN,
+    };
+    let mut run = McastRun {
+        wall,
+        wall_sync: wall,
+        other: span,
+        wire: (tx1 - tx0) as f64 / bytes as f64,
+        send_cpu: cpu_seconds(cpid) - c0,
+        recv_cpu: apids
+            .iter()
+            .zip(&a0)
+            .map(|(&p, c)| cpu_seconds(p) - c)
+            .collect(),
+        send_rss,
+        recv_rss,
+        ..McastRun::default()
+    };
+    for (k, out) in outs[..n].iter().enumerate() {
+        if let Err(e) = same_bytes(src, out) {
+            run.mismatches += 1;
+            println!(
+                "  !! {label}: job {job} succeeded but agent {}'s file is WRONG: {e:#}",
+                k + 1
+            );
+        }
+    }
+    Ok(run)
+}
+
+fn fmt_list(v: &[f64], prec: usize) -> String {
+    v.iter()
+        .map(|x| format!("{x:.prec$}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_run(label: &str, r: &McastRun, bytes: u64, what_other: &str) {
+    println!(
+        "  {label}: {:.2} s = {:.1} MB/s (+fsync {:.2} s; {what_other} {:.2} s); wire {:.3} B/B; CPU send {:.2} s, recv [{}] s; peak RSS send {:.1} MiB, recv [{}] MiB; {} wrong files, {} failed exits",
+        r.wall,
+        bytes as f64 / r.wall / 1e6,
+        r.wall_sync,
+        r.other,
+        r.wire,
+        r.send_cpu,
+        fmt_list(&r.recv_cpu, 2),
+        r.send_rss,
+        fmt_list(&r.recv_rss, 1),
+        r.mismatches,
+        r.failed_exits
+    );
+}
+
+/// Medians over runs of one tool at one N, for the table.
+struct McastSummary {
+    wall: f64,
+    wall_sync: f64,
+    wire: f64,
+    send_cpu: f64,
+    /// Mean per receiver.
+    recv_cpu: f64,
+    send_rss: f64,
+    /// Largest receiver.
+    recv_rss: f64,
+    mismatches: usize,
+    failed_exits: usize,
+    runs: usize,
+}
+
+fn summarize(runs: &[McastRun]) -> Option<McastSummary> {
+    if runs.is_empty() {
+        return None;
+    }
+    let med = |f: &dyn Fn(&McastRun) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Some(McastSummary {
+        wall: med(&|r| r.wall),
+        wall_sync: med(&|r| r.wall_sync),
+        wire: med(&|r| r.wire),
+        send_cpu: med(&|r| r.send_cpu),
+        recv_cpu: med(&|r| r.recv_cpu.iter().sum::<f64>() / r.recv_cpu.len().max(1) as f64),
+        send_rss: med(&|r| r.send_rss),
+        recv_rss: med(&|r| r.recv_rss.iter().copied().fold(0.0, f64::max)),
+        mismatches: runs.iter().map(|r| r.mismatches).sum(),
+        failed_exits: runs.iter().map(|r| r.failed_exits).sum(),
+        runs: runs.len(),
+    })
+}
+
+/// Every run of both tools at one receiver count.
+struct McastAtN {
+    n: usize,
+    udp: Vec<McastRun>,
+    shoal: Vec<McastRun>,
+    /// Why the Shoal half stopped at this N.
+    shoal_err: Option<String>,
+}
+
+fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
+    use shoal_tests::site::{Controller, FakeMachine, Lan};
+
+    let mut counts: Vec<usize> = args.receivers.iter().copied().filter(|&n| n > 0).collect();
+    counts.dedup();
+    anyhow::ensure!(
+        !counts.is_empty(),
+        "--receivers needs at least one count above 0"
+    );
+    let pool = counts.iter().copied().max().unwrap_or(1);
+    anyhow::ensure!(pool <= 100, "at most 100 receivers");
+    ensure_package("udpcast", &["udp-sender", "udp-receiver"])?;
+    anyhow::ensure!(have_program("dd"), "dd is missing");
+    let agent_bin = agent::build()?;
+    let (controller, shoalctl) = release_controller_bins()?;
+    std::env::set_var("SHOAL_CONTROLLER", &controller);
+    std::env::set_var("SHOALCTL", &shoalctl);
+    std::env::set_var("SHOAL_AGENT", &agent_bin);
+    if std::env::var_os("SHOAL_LOG").is_none() {
+        std::env::set_var("SHOAL_LOG", "info");
+    }
+
+    let runs = args.runs();
+    let size_mib = args.size_mib.max(1);
+    let bytes = size_mib * MIB;
+    // Generous bounds: 60 s plus 10 MiB/s.
+    let limit = Duration::from_secs(60 + size_mib / 10);
+    let dir = bench_dir()?;
+    let logs = dir.join("multicast-logs");
+    std::fs::create_dir_all(&logs)?;
+    let src = dir.join(format!("multicast-source-{size_mib}MiB.img"));
+    let t = std::time::Instant::now();
+    random_source(&src, size_mib)?;
+    println!(
+        "bench multicast: {size_mib} MiB of random bytes ({}) ready in {:.1} s; receivers {counts:?}; {runs} runs each; release Controller, agent profile `agent`",
+        src.display(),
+        t.elapsed().as_secs_f64(),
+    );
+    let mut limit_rates = odirect_limit(&dir, size_mib, runs)?;
+    println!(
+        "  disk limit: dd if=/dev/zero bs=1M count={size_mib} oflag=direct into {}: {} MB/s, median {:.0} MB/s",
+        dir.display(),
+        fmt_list(&limit_rates, 0),
+        median(&mut limit_rates)
+    );
+
+    // The LAN: a bridge (the senders' side: Controller and udp-sender both
+    // send from br0) and one namespace per receiver, each on a veth, MTU
+    // 1500. The bridge snoops IGMP and is its own querier, as a switch
+    // would: group traffic reaches only the ports that joined (that takes
+    // the querier's 10 s response interval after it starts). Every
+    // namespace routes 224.0.0.0/4 to its LAN interface, as a host with a
+    // default route would.
+    let mut lan = Lan::new();
+    lan.ns
+        .ip(&["link", "set", "br0", "type", "bridge", "mcast_querier", "1"]);
+    let querier_since = std::time::Instant::now();
+    lan.ns.ip(&["route", "add", "224.0.0.0/4", "dev", "br0"]);
+    let state = tempfile::tempdir_in(&dir)?;
+    let listen = format!("{}:7000", lan.gateway());
+    let ctl = Controller::start(state.path(), Some(&lan.ns), &listen, 7100, &[]);
+    let cmdline = ctl.agent_cmdline();
+    let outs: Vec<std::path::PathBuf> = (1..=pool)
+        .map(|k| dir.join(format!("multicast-out-{k}.img")))
+        .collect();
+    let machines: Vec<FakeMachine> = (1..=pool)
+        .map(|k| FakeMachine::new(k as u32, size_mib))
+        .collect();
+    let mut agents = Vec::new();
+    for (k, m) in machines.iter().enumerate() {
+        let h = lan.add_host(10 + k as u8);
+        lan.hosts[h].ip(&["route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        // The agent's disk `vda` is a file in bench_dir (on disk, not in
+        // the machine's temp dir): one step string serves every device.
+        std::fs::create_dir_all(m.dir.path().join("dev"))?;
+        std::os::unix::fs::symlink(&outs[k], m.dir.path().join("dev/vda"))?;
+        fresh_target(&outs[k], bytes)?;
+        let agent = m.agent(&format!("agent{}", k + 1), Some(&lan.hosts[h]), &cmdline);
+        agents.push((agent, m));
+    }
+    for (a, _) in agents.iter_mut() {
+        a.expect("registered with controller", Duration::from_secs(30));
+    }
+    for (pid, want) in std::iter::once((ctl.proc.pid(), "shoal-controlle"))
+        .chain(agents.iter().map(|(a, _)| (a.pid(), "shoal-agent")))
+    {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        anyhow::ensure!(
+            comm.trim() == want,
+            "pid {pid} is {comm:?}, not {want}: CPU would be measured on the wrong process"
+        );
+    }
+    ctl.ctl_ok(&["image", "group", "create", "bench"]);
+    let t = std::time::Instant::now();
+    ctl.ctl_ok(&[
+        "--json",
+        "image",
+        "add",
+        "bench",
+        src.to_str().unwrap(),
+        "--name",
+        "disk",
+        "--compression",
+        "none",
+    ]);
+    println!(
+        "  image bench/disk added (compression none) in {:.1} s; {pool} agents registered; step {}",
+        t.elapsed().as_secs_f64(),
+        multicast_step(pool)
+    );
+    let settle = Duration::from_secs(12).saturating_sub(querier_since.elapsed());
+    std::thread::sleep(settle);
+
+    let mut results: Vec<McastAtN> = Vec::new();
+    for &n in &counts {
+        let (mut udp, mut shoal, mut shoal_err) = (Vec::new(), Vec::new(), None::<String>);
+        for run in 1..=runs {
+            let label = format!("N={n} run {run} udpcast");
+            let r = udpcast_run(&lan, n, &src, &outs, bytes, &logs, limit, &label)?;
+            print_run(&label, &r, bytes, "sender exit");
+            udp.push(r);
+
+            let label = format!("N={n} run {run} shoal  ");
+            if shoal_err.is_some() {
+                continue;
+            }
+            match shoal_run(
+                &lan,
+                &ctl,
+                &agents,
+                n,
+                &src,
+                &outs,
+                bytes,
+                limit + Duration::from_secs(30),
+                &label,
+            ) {
+                Ok(r) => {
+                    print_run(&label, &r, bytes, "controller's span");
+                    if n >= 2 && r.wire > 1.5 {
+                        println!("  !! {label}: {:.2} bytes on the wire per image byte for {n} receivers: that is not multicast", r.wire);
+                    }
+                    shoal.push(r);
+                }
+                Err(e) => {
+                    println!("  !! {label}: FAILED: {e:#}");
+                    println!("     (no more Shoal runs at N={n})");
+                    shoal_err = Some(format!("{e:#}"));
+                }
+            }
+        }
+        results.push(McastAtN {
+            n,
+            udp,
+            shoal,
+            shoal_err,
+        });
+    }
+    for out in &outs {
+        let _ = std::fs::remove_file(out);
+    }
+
+    println!();
+    println!(
+        "  {size_mib} MiB image, medians of {runs} runs; MB/s = image bytes / wall / 10^6; disk MB/s = N x that; vs udpcast = udpcast wall / this wall"
+    );
+    println!(
+        "  wire = bytes sent by br0 per image byte; CPU in s (recv: mean per receiver); peak RSS in MiB (recv: largest receiver); bad = wrong files / failed exits over all runs"
+    );
+    let mut failures = Vec::new();
+    for McastAtN {
+        n,
+        udp,
+        shoal,
+        shoal_err,
+    } in &results
+    {
+        println!();
+        println!("  N = {n}       wall s     MB/s  disk MB/s  vs udpcast   wire   CPU send  CPU recv  RSS send  RSS recv    bad");
+        let base = summarize(udp);
+        let base_wall = base.as_ref().map_or(f64::NAN, |b| b.wall);
+        let row = |what: &str, s: &McastSummary, wall: f64| {
+            let rate = bytes as f64 / wall / 1e6;
+            println!(
+                "  {what:<13} {wall:>6.2} {rate:>8.1} {:>10.1} {:>10.2}x {:>6.3} {:>10.2} {:>9.2} {:>9.1} {:>9.1} {:>3}/{}",
+                rate * *n as f64,
+                base_wall / wall,
+                s.wire,
+                s.send_cpu,
+                s.recv_cpu,
+                s.send_rss,
+                s.recv_rss,
+                s.mismatches,
+                s.failed_exits,
+            );
+        };
+        if let Some(b) = &base {
+            row("udpcast", b, b.wall);
+            row("udpcast+sync", b, b.wall_sync);
+        }
+        match (summarize(shoal), shoal_err) {
+            (Some(s), _) => {
+                row("shoal", &s, s.wall);
+                if s.runs < runs {
+                    println!("  (shoal: {} of {runs} runs)", s.runs);
+                }
+                if s.mismatches > 0 {
+                    failures.push(format!("N={n}: {} wrong files from Shoal", s.mismatches));
+                }
+            }
+            (None, _) => println!("  shoal         FAILED (see above)"),
+        }
+        if let Some(e) = shoal_err {
+            // The headline and its hint, not the job table and log.
+            let mut lines = e.lines();
+            let head = lines.next().unwrap_or_default().to_owned();
+            let hints: String = lines
+                .take_while(|l| l.starts_with("     ("))
+                .map(|l| format!("\n    {}", l.trim()))
+                .collect();
+            failures.push(format!("N={n}: {head}{hints}"));
+        }
+        let raw = |v: &[McastRun], f: &dyn Fn(&McastRun) -> f64| {
+            fmt_list(&v.iter().map(f).collect::<Vec<_>>(), 2)
+        };
+        println!(
+            "  raw wall s: udpcast [{}], udpcast+sync [{}], udp-sender exit [{}], shoal [{}], shoal controller's span [{}]",
+            raw(udp, &|r| r.wall),
+            raw(udp, &|r| r.wall_sync),
+            raw(udp, &|r| r.other),
+            raw(shoal, &|r| r.wall),
+            raw(shoal, &|r| r.other)
+        );
+        println!(
+            "  raw wire B/B: udpcast [{}], shoal [{}]",
+            raw(udp, &|r| r.wire),
+            raw(shoal, &|r| r.wire)
+        );
+        let udp_bad: usize = udp.iter().map(|r| r.mismatches).sum();
+        if udp_bad > 0 {
+            println!("  !! udpcast delivered {udp_bad} WRONG files at N={n} (see the runs above)");
+        }
+    }
+    println!();
+    println!(
+        "  udpcast: udp-receiver --file OUT {}",
+        udp_receiver_args(std::path::Path::new("OUT"), limit)[2..].join(" ")
+    );
+    println!(
+        "           udp-sender --file SRC {}",
+        udp_sender_args(std::path::Path::new("SRC"), 0, limit)[2..]
+            .join(" ")
+            .replace("--min-receivers 0", "--min-receivers N")
+    );
+    println!("  (udpcast wall: sender start to the last receiver's exit, which includes udp-receiver's default 500 ms --exit-wait;");
+    println!(
+        "   udpcast writes through the page cache, +sync adds an fsync of every received file;"
+    );
+    println!("   shoal wall: `jobs run` to `jobs show` reporting the job ended, polled every 50 ms; its agents write with O_DIRECT and fsync)");
+    anyhow::ensure!(
+        failures.is_empty(),
+        "the Shoal half failed:\n  {}",
+        failures.join("\n  ")
+    );
     Ok(())
 }
