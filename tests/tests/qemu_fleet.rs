@@ -189,3 +189,108 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
         assert_eq!((name.as_str(), content.as_str()), (*want_name, *want_text));
     }
 }
+
+#[test]
+fn qemu_three_vms_deploy_one_image_in_one_multicast_session() {
+    require_program("qemu-system-x86_64", "qemu-system-x86");
+    let work = tempfile::tempdir().unwrap();
+    let source = shoal_tests::labimage::build(work.path(), 48);
+    let mut lan = Lan::new();
+    let net = format!("10.88.{}", lan.subnet);
+    let _dhcp = lan.start_dhcp();
+    let state = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(
+        state.path(),
+        Some(&lan.ns),
+        &format!("{net}.1:7000"),
+        7100,
+        &[],
+    );
+    ctl.ctl_ok(&["image", "group", "create", "lab"]);
+    ctl.ctl_ok(&[
+        "image",
+        "add",
+        "lab",
+        source.to_str().unwrap(),
+        "--name",
+        "ext4",
+        "--compression",
+        "fast",
+    ]);
+    let mut vms = Vec::new();
+    let mut disks = Vec::new();
+    for i in 1..=3u8 {
+        let disk = work.path().join(format!("disk{i}.img"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let tap = lan.add_tap();
+        let vm = VmBuilder::new(
+            artefact("SHOAL_KERNEL_IMAGE"),
+            artefact("SHOAL_INITRAMFS_LAB"),
+        )
+        .name(&format!("mc{i}"))
+        .netns(lan.ns.name())
+        .smbios(
+            &format!("5a0b7c1e-0000-4000-8000-0000000000e{i}"),
+            &format!("SHOAL-MCAST-{i}"),
+        )
+        .disk(&disk, Some(&format!("mc-disk-{i}")))
+        .nic(&format!("52:54:00:00:00:e{i}"), NetBackend::Tap(tap))
+        .append(&ctl.agent_cmdline())
+        .start()
+        .unwrap();
+        vms.push(vm);
+        disks.push(disk);
+    }
+    for vm in &mut vms {
+        vm.console()
+            .expect("registered with controller", BOOT)
+            .unwrap();
+    }
+    let out = ctl.ctl(&[
+        "jobs",
+        "run",
+        "--device",
+        "all",
+        "--wait",
+        "400",
+        "deploy:lab/ext4@auto;min=3;wait=60",
+        "poweroff",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    let session = ctl.ctl_ok(&["--json", "sessions", "show", "job:1"]);
+    eprintln!("{session}");
+    assert!(
+        out.status.success(),
+        "deploy job failed:\n{text}\nconsoles:\n{}",
+        vms.iter_mut()
+            .map(|v| v.console().tail(2000).to_owned())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    );
+    assert_eq!(
+        session.matches("\"confirmed\": true").count(),
+        3,
+        "{session}"
+    );
+    for vm in &mut vms {
+        let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
+        assert!(status.success(), "QEMU exited with {status}");
+    }
+    let want = std::fs::read(&source).unwrap();
+    for d in &disks {
+        let got = std::fs::read(d).unwrap();
+        assert!(
+            got[..want.len()] == want[..],
+            "{} differs from the source image",
+            d.display()
+        );
+    }
+}

@@ -465,14 +465,16 @@ impl Run {
                 match self.socket.recv_from(&mut rbuf) {
                     Ok((n, from)) => match self.state.on_report(Instant::now(), &mut rbuf[..n]) {
                         Ok((receiver, ack)) => {
-                            if let Some(ack) = ack {
-                                let _ = self.socket.send_to(&ack, from);
-                            }
+                            // Record the confirmation before the agent can
+                            // hear of it: its step may end right after.
                             let v = &self.state.receivers()[&receiver];
                             if v.confirmed && self.session.lock().confirmed.insert(receiver) {
                                 info!(
                                     "multicast session {id:016x}: receiver {receiver} ({from}) complete, digest confirmed"
                                 );
+                            }
+                            if let Some(ack) = ack {
+                                let _ = self.socket.send_to(&ack, from);
                             }
                         }
                         Err(e) => {
