@@ -1199,6 +1199,13 @@ fn shoal_run(
             );
         }
     }
+    // What each agent says of its multicast phase (received, lost, forged,
+    // skipped, re-requested, unicast fallback, peak RSS).
+    for o in json_strings(&shown, "output") {
+        if let Some(m) = o.split("; multicast: ").nth(1) {
+            println!("     agent: {m}");
+        }
+    }
     Ok(run)
 }
 
@@ -1388,7 +1395,12 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
         let (mut udp, mut shoal, mut shoal_err) = (Vec::new(), Vec::new(), None::<String>);
         for run in 1..=runs {
             let label = format!("N={n} run {run} udpcast");
-            let r = udpcast_run(&lan, n, &src, &outs, bytes, &logs, limit, &label)?;
+            // SHOAL_BENCH_SKIP_ANCHOR=1: Shoal only (while tuning).
+            let r = if std::env::var_os("SHOAL_BENCH_SKIP_ANCHOR").is_some() {
+                McastRun::default()
+            } else {
+                udpcast_run(&lan, n, &src, &outs, bytes, &logs, limit, &label)?
+            };
             print_run(&label, &r, bytes, "sender exit");
             udp.push(r);
 

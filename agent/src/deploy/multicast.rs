@@ -20,6 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TrySendError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -124,35 +125,56 @@ pub fn receive<F: FnMut(Progress)>(
 ) -> Result<McastSummary, DeployError> {
     let start = Instant::now();
     let mut summary = McastSummary::default();
-    let (to_disk, from_net) = mpsc::sync_channel::<(u32, Vec<u8>)>(2);
+    // Verification (two hashes per byte) is the heaviest per-byte work:
+    // one worker per core, up to three; writes take turns on the disk.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 3);
+    let (to_disk, from_net) = mpsc::sync_channel::<(u32, Vec<u8>)>(workers);
+    let from_net = Mutex::new(from_net);
     let (done_tx, done_rx) = mpsc::channel::<Written_>();
-    let header = image.header.clone();
+    let disk = Mutex::new((writer, written));
+    let broken = AtomicBool::new(false);
+    let header = &image.header;
     let fatal: Result<(), DeployError> = std::thread::scope(|scope| {
-        let worker = scope.spawn(move || -> Result<(), DeployError> {
-            let mut out = vec![0u8; header.chunk_size as usize];
-            for (chunk, stored) in from_net {
-                let entry = &image.chunks[chunk as usize];
-                let buf = &mut out[..entry.volume_len as usize];
-                if let Err(e) = decode_chunk_into(&header, entry, &stored, buf) {
-                    let _ = done_tx.send(Written_::Bad(chunk, e.to_string()));
-                    continue;
-                }
-                writer
-                    .write_at(entry.volume_offset, buf)
-                    .map_err(|source| DeployError::Write {
-                        index: u64::from(chunk),
-                        source,
-                    })?;
-                written
-                    .mark(chunk as usize)
-                    .map_err(|source| DeployError::Mark {
-                        index: u64::from(chunk),
-                        source,
-                    })?;
-                let _ = done_tx.send(Written_::Ok(chunk));
-            }
-            Ok(())
-        });
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let done_tx = done_tx.clone();
+                let (from_net, disk, broken) = (&from_net, &disk, &broken);
+                scope.spawn(move || -> Result<(), DeployError> {
+                    let mut out = vec![0u8; header.chunk_size as usize];
+                    loop {
+                        let next = from_net.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((chunk, stored)) = next else {
+                            return Ok(());
+                        };
+                        let entry = &image.chunks[chunk as usize];
+                        let buf = &mut out[..entry.volume_len as usize];
+                        if let Err(e) = decode_chunk_into(header, entry, &stored, buf) {
+                            let _ = done_tx.send(Written_::Bad(chunk, e.to_string()));
+                            continue;
+                        }
+                        let mut d = disk.lock().unwrap_or_else(|p| p.into_inner());
+                        let (writer, written) = &mut *d;
+                        let index = u64::from(chunk);
+                        let r = writer
+                            .write_at(entry.volume_offset, buf)
+                            .map_err(|source| DeployError::Write { index, source })
+                            .and_then(|()| {
+                                written
+                                    .mark(chunk as usize)
+                                    .map(drop)
+                                    .map_err(|source| DeployError::Mark { index, source })
+                            });
+                        drop(d);
+                        if let Err(e) = r {
+                            broken.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                        let _ = done_tx.send(Written_::Ok(chunk));
+                    }
+                })
+            })
+            .collect();
+        drop(done_tx);
         let r = pump(
             cfg,
             socket,
@@ -162,14 +184,21 @@ pub fn receive<F: FnMut(Progress)>(
             &done_rx,
             meter,
             cancel,
+            &broken,
             &mut summary,
         );
         drop(to_disk);
-        let w = match worker.join() {
-            Ok(w) => w,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        // Apply what the worker finished after the pump stopped.
+        let mut w = Ok(());
+        for h in handles {
+            let r = match h.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            if w.is_ok() {
+                w = r;
+            }
+        }
+        // Apply what the workers finished after the pump stopped.
         for d in done_rx.try_iter() {
             apply(rx, d, image, meter, &mut summary, &mut HashMap::new());
         }
@@ -213,6 +242,7 @@ fn pump<F: FnMut(Progress)>(
     done: &mpsc::Receiver<Written_>,
     meter: &mut Meter<F>,
     cancel: &AtomicBool,
+    broken: &AtomicBool,
     summary: &mut McastSummary,
 ) -> Result<(), DeployError> {
     let start = Instant::now();
@@ -224,6 +254,10 @@ fn pump<F: FnMut(Progress)>(
     loop {
         if cancel.load(Ordering::SeqCst) {
             summary.fell_back = Some("cancelled".into());
+            return Ok(());
+        }
+        if broken.load(Ordering::SeqCst) {
+            // A worker could not write: its error ends the deploy.
             return Ok(());
         }
         for d in done.try_iter() {

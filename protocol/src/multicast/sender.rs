@@ -5,8 +5,9 @@
 //! `start` queues every data chunk once. After that the sender only sends
 //! what receivers ask for: a request for a chunk already queued adds its
 //! blocks to that entry; a request for blocks of the chunk being sent that
-//! are still ahead of the cursor is already covered; anything else queues
-//! the chunk at the back. Late joiners and lossy receivers are served from
+//! are still ahead of the cursor is already covered; gaps in a chunk go to
+//! the front of the queue (they free a receiver's buffer) and whole chunks
+//! to the back. Late joiners and lossy receivers are served from
 //! the same queue without holding the others back.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -48,7 +49,7 @@ pub struct ReceiverView {
     /// Volume bytes per second over the last few seconds.
     pub bytes_per_sec: f64,
     rate_mark: (Instant, u64),
-    loss_mark: (u64, u64),
+    loss_mark: (u64, u64, u64),
 }
 
 /// The sender's counters.
@@ -189,8 +190,16 @@ impl Sender {
         match self.wanted.get_mut(&chunk) {
             Some(set) => set.union(&add),
             None => {
+                // Gaps in a chunk a receiver is assembling go first: they
+                // free its buffer. Whole chunks (a late joiner's, or the
+                // first pass) wait their turn at the back.
+                let repair = add.count() < n;
                 self.wanted.insert(chunk, add);
-                self.queue.push_back(chunk);
+                if repair {
+                    self.queue.push_front(chunk);
+                } else {
+                    self.queue.push_back(chunk);
+                }
             }
         }
     }
@@ -276,7 +285,7 @@ impl Sender {
             blocks_requested: 0,
             bytes_per_sec: 0.0,
             rate_mark: (now, 0),
-            loss_mark: (0, 0),
+            loss_mark: (0, 0, 0),
         });
         view.last_heard = now;
         view.stats = report.stats;
@@ -344,9 +353,12 @@ impl Sender {
         Ok((h.a, report))
     }
 
-    /// Adapts the rate to the loss receivers reported since the last tick.
-    /// Receivers that are done or busy (their disk, not the network, is the
-    /// bottleneck) do not count.
+    /// Adapts the rate to what receivers reported since the last tick: the
+    /// share of datagrams each lost on the network or had to skip (no
+    /// buffer: its disk is behind). The median receiver's share decides
+    /// (the better one of two), so a minority of stragglers does not slow
+    /// the session down, while a majority that cannot keep up does.
+    /// Receivers that are done do not count.
     pub fn tick(&mut self, now: Instant) {
         if self
             .rate
@@ -356,23 +368,26 @@ impl Sender {
             return;
         }
         self.rate.last_tick = Some(now);
-        let mut worst: Option<f64> = None;
+        let mut shares: Vec<f64> = Vec::new();
         for v in self.receivers.values_mut() {
-            let (r0, l0) = v.loss_mark;
-            let (dr, dl) = (
-                v.stats.received.saturating_sub(r0),
-                v.stats.lost.saturating_sub(l0),
+            let (r0, l0, s0) = v.loss_mark;
+            let st = &v.stats;
+            let (dr, dl, ds) = (
+                st.received.saturating_sub(r0),
+                st.lost.saturating_sub(l0),
+                st.skipped.saturating_sub(s0),
             );
-            if dr + dl < 32 {
+            if dr + dl + ds < 32 {
                 continue;
             }
-            v.loss_mark = (v.stats.received, v.stats.lost);
-            if v.confirmed || v.stats.busy {
+            v.loss_mark = (st.received, st.lost, st.skipped);
+            if v.confirmed {
                 continue;
             }
-            let f = dl as f64 / (dr + dl) as f64;
-            worst = Some(worst.map_or(f, |w: f64| w.max(f)));
+            shares.push((dl + ds) as f64 / (dr + dl + ds) as f64);
         }
+        shares.sort_by(f64::total_cmp);
+        let worst = shares.get(shares.len().saturating_sub(1) / 2).copied();
         let busy = self.has_work();
         let r = &mut self.rate;
         match worst {
