@@ -21,7 +21,10 @@ use sha2::{Digest, Sha256};
 
 mod chunk;
 
-pub use chunk::{decode_chunk, decode_chunk_into, verify_chunk, verify_volume, ChunkError};
+pub use chunk::{
+    decode_chunk, decode_chunk_into, decode_chunk_into_authenticated, verify_chunk, verify_volume,
+    ChunkError,
+};
 
 /// First eight bytes of the preamble and last eight bytes of the footer.
 pub const MAGIC: [u8; 8] = *b"SHOALIMG";

@@ -1440,6 +1440,7 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
             shoal_err,
         });
     }
+    let _ = std::fs::write(logs.join("controller.log"), ctl.proc.log());
     for out in &outs {
         let _ = std::fs::remove_file(out);
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::sys::socket::{self as sock, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
-use shoal_protocol::image::{decode_chunk_into, Image};
+use shoal_protocol::image::{decode_chunk_into, decode_chunk_into_authenticated, Image};
 use shoal_protocol::multicast::{
     completion_digest, Cipher, Event, Geometry, Receiver, ReceiverConfig, ReceiverStats,
 };
@@ -134,6 +134,7 @@ pub fn receive<F: FnMut(Progress)>(
     let disk = Mutex::new((writer, written));
     let broken = AtomicBool::new(false);
     let header = &image.header;
+    let cipher = cfg.cipher;
     let fatal: Result<(), DeployError> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -148,7 +149,16 @@ pub fn receive<F: FnMut(Progress)>(
                         };
                         let entry = &image.chunks[chunk as usize];
                         let buf = &mut out[..entry.volume_len as usize];
-                        if let Err(e) = decode_chunk_into(header, entry, &stored, buf) {
+                        let decoded = match cipher {
+                            // Every block passed Poly1305 under the session
+                            // key: the table's SHA-1 completes the check.
+                            Cipher::ChaCha20Poly1305 => {
+                                decode_chunk_into_authenticated(header, entry, &stored, buf)
+                            }
+                            // RC4 has no integrity of its own: SHA-1 and SHA-256.
+                            Cipher::Rc4 => decode_chunk_into(header, entry, &stored, buf),
+                        };
+                        if let Err(e) = decoded {
                             let _ = done_tx.send(Written_::Bad(chunk, e.to_string()));
                             continue;
                         }
@@ -287,10 +297,17 @@ fn pump<F: FnMut(Progress)>(
             Some(t) if now.duration_since(t) > STALL => {
                 Some(format!("multicast stream silent for {} s", STALL.as_secs()))
             }
-            Some(_) if idle && was_busy && rx.handed() == 0 => Some(
-                "this disk is slower than the session (its buffers filled): the rest by unicast"
-                    .into(),
-            ),
+            // A straggler (its buffers filled while the others went on)
+            // takes what it still lacks by TCP at its disk's pace; a few
+            // chunks are cheaper to ask for again by multicast.
+            Some(_)
+                if idle
+                    && was_busy
+                    && rx.handed() == 0
+                    && rx.missing().len() > (image.chunks.len() / 8).max(8) =>
+            {
+                Some("this disk is slower than the session (its buffers filled): the rest by unicast".into())
+            }
             _ if idle && rx.handed() == 0 && fails.values().any(|&f| f >= MAX_FAILS) => {
                 let bad: Vec<u32> = fails
                     .iter()

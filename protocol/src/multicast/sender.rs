@@ -71,6 +71,9 @@ struct Rate {
     now: f64,
     max: f64,
     last_tick: Option<Instant>,
+    slow_start: bool,
+    /// Bytes sent as of the last tick.
+    sent_mark: Option<(Instant, u64)>,
 }
 
 /// Bytes per second a session starts at.
@@ -120,6 +123,8 @@ impl Sender {
                 now: START_RATE.min(max),
                 max,
                 last_tick: None,
+                slow_start: true,
+                sent_mark: None,
             },
         }
     }
@@ -355,9 +360,10 @@ impl Sender {
 
     /// Adapts the rate to what receivers reported since the last tick: the
     /// share of datagrams each lost on the network or had to skip (no
-    /// buffer: its disk is behind). The median receiver's share decides
-    /// (the better one of two), so a minority of stragglers does not slow
-    /// the session down, while a majority that cannot keep up does.
+    /// buffer: its disk is behind). The worst share decides, leaving out
+    /// receivers far worse than the median (more than 3x and 5 points):
+    /// a minority of stragglers does not slow the session down, while a
+    /// majority that cannot keep up does.
     /// Receivers that are done do not count.
     pub fn tick(&mut self, now: Instant) {
         if self
@@ -387,15 +393,44 @@ impl Sender {
             shares.push((dl + ds) as f64 / (dr + dl + ds) as f64);
         }
         shares.sort_by(f64::total_cmp);
-        let worst = shares.get(shares.len().saturating_sub(1) / 2).copied();
+        // The worst share among receivers not far worse than the median:
+        // a minority of stragglers does not set the pace.
+        let median = shares.get(shares.len().saturating_sub(1) / 2).copied();
+        let worst = median.map(|m| {
+            shares
+                .iter()
+                .copied()
+                .filter(|&f| f <= (3.0 * m).max(m + 0.05))
+                .fold(m, f64::max)
+        });
         let busy = self.has_work();
+        // What actually went out since the last tick: when the sender
+        // itself is the limit, the rate is set from that, not from a
+        // number it never reached.
+        let sent = self.stats.bytes;
+        let actual = match self.rate.sent_mark {
+            Some((t, b)) if now > t => (sent - b) as f64 / now.duration_since(t).as_secs_f64(),
+            _ => 0.0,
+        };
+        self.rate.sent_mark = Some((now, sent));
         let r = &mut self.rate;
+        if actual > 0.0 && busy {
+            r.now = r.now.min(1.5 * actual);
+        }
+        // Slow start (x1.25 a tick) until the first loss, then gentle
+        // growth (x1.04) and multiplicative decrease.
         match worst {
-            Some(f) if f > 0.05 => r.now *= 0.7,
-            Some(f) if f > 0.01 => r.now *= 0.9,
-            Some(f) if f < 0.002 => r.now *= 1.15,
+            Some(f) if f > 0.02 => {
+                r.now *= 0.75;
+                r.slow_start = false;
+            }
+            Some(f) if f > 0.005 => {
+                r.now *= 0.93;
+                r.slow_start = false;
+            }
+            Some(f) if f < 0.002 => r.now *= if r.slow_start { 1.25 } else { 1.04 },
             Some(_) => {}
-            None if busy => r.now *= 1.05,
+            None if busy && r.slow_start => r.now *= 1.1,
             None => {}
         }
         r.now = r.now.clamp(MIN_RATE.min(r.max), r.max);
