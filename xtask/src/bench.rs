@@ -1043,6 +1043,18 @@ fn json_strings(text: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// The integer values of `"key": N` in pretty JSON, in order.
+fn json_numbers(text: &str, key: &str) -> Vec<u64> {
+    let needle = format!("\"{key}\": ");
+    text.match_indices(&needle)
+        .filter_map(|(i, _)| {
+            let rest = &text[i + needle.len()..];
+            let end = rest.find(|c: char| !c.is_ascii_digit())?;
+            rest[..end].parse().ok()
+        })
+        .collect()
+}
+
 /// Milliseconds since the epoch of the Controller's `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 fn rfc3339_ms(s: &str) -> Option<i64> {
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
@@ -1103,43 +1115,35 @@ fn shoal_run(
     }
     argv.push(&step);
 
+    // One blocking `jobs run --wait` (it polls the API every 50 ms in one
+    // process): wall time ends when it exits, and no polling processes
+    // compete with the agents for the CPU.
+    let wait = limit.as_secs().max(1).to_string();
+    let mut argv_wait = vec!["--json", "jobs", "run", "--wait", wait.as_str()];
+    argv_wait.extend_from_slice(&argv[2..]);
     let t0 = Instant::now();
-    let out = ctl.ctl(&argv);
-    anyhow::ensure!(
-        out.status.success(),
-        "`shoalctl jobs run ... '{step}'` failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let job = shoal_tests::site::job_id(&String::from_utf8_lossy(&out.stdout));
-    let mut send_rss: f64 = 0.0;
-    let mut recv_rss = vec![0.0f64; n];
-    let (state, shown) = loop {
-        let shown = ctl.ctl(&["--json", "jobs", "show", &job]);
-        let text = String::from_utf8_lossy(&shown.stdout).into_owned();
-        // The job's own state comes first (id, created_at, created_by,
-        // state, ...); the per-device results follow.
-        let state = json_strings(&text, "state").into_iter().next();
-        if let Some(s) =
-            state.filter(|s| ["succeeded", "failed", "cancelled"].contains(&s.as_str()))
-        {
-            break (s, text);
-        }
-        send_rss = send_rss.max(peak_rss_mib(cpid));
-        for (r, &pid) in recv_rss.iter_mut().zip(&apids) {
-            *r = r.max(peak_rss_mib(pid));
-        }
-        if t0.elapsed() > limit {
-            let _ = ctl.ctl(&["jobs", "cancel", &job]);
-            anyhow::bail!(
-                "job {job} did not end within {} s:\n{text}",
-                limit.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let wall = t0.elapsed().as_secs_f64();
+    let out = ctl.ctl(&argv_wait);
+    let wall_exit = t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let job = json_numbers(&text, "id")
+        .first()
+        .map(|n| n.to_string())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "`shoalctl jobs run --wait ... '{step}'` printed no job ({}): {}{}",
+                out.status,
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+    let shown = text;
+    let state = json_strings(&shown, "state")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| "unknown".into());
+    let mut send_rss = peak_rss_mib(cpid);
+    let mut recv_rss: Vec<f64> = apids.iter().map(|&p| peak_rss_mib(p)).collect();
+    let wall = wall_exit;
     let tx1 = tx_bytes(&lan.ns, "br0")?;
     // Peaks are monotonic while the processes live: one more read catches
     // anything after the last sample.

@@ -457,7 +457,9 @@ fn wait_for(c: &Client, id: u64, limit: Duration, json: bool) -> Result<ExitCode
                 limit.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        // Quick at first (short jobs end within a second), then gentler.
+        let poll = if start.elapsed() < Duration::from_secs(60) { 50 } else { 500 };
+        std::thread::sleep(Duration::from_millis(poll));
     };
     if json {
         print_json(&job)?;
