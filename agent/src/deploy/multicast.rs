@@ -27,7 +27,7 @@ use log::{debug, info, warn};
 use nix::sys::socket::{self as sock, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
 use shoal_protocol::image::{decode_chunk_into, decode_chunk_into_authenticated, Image};
 use shoal_protocol::multicast::{
-    completion_digest, Cipher, Event, Geometry, Receiver, ReceiverConfig, ReceiverStats,
+    completion_digest, Cipher, Event, Geometry, Opener, Receiver, ReceiverConfig, ReceiverStats,
 };
 
 use super::{DeployError, Meter, Progress};
@@ -125,9 +125,15 @@ pub fn receive<F: FnMut(Progress)>(
 ) -> Result<McastSummary, DeployError> {
     let start = Instant::now();
     let mut summary = McastSummary::default();
+    let opener = rx.opener();
+    let rxm = Mutex::new(&mut *rx);
+    let ready: Mutex<VecDeque<(u32, Vec<u8>)>> = Mutex::new(VecDeque::new());
+    let stop = AtomicBool::new(false);
     // Verification (two hashes per byte) is the heaviest per-byte work:
     // one worker per core, up to three; writes take turns on the disk.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 3);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 3);
     let (to_disk, from_net) = mpsc::sync_channel::<(u32, Vec<u8>)>(workers);
     let from_net = Mutex::new(from_net);
     let (done_tx, done_rx) = mpsc::channel::<Written_>();
@@ -185,10 +191,18 @@ pub fn receive<F: FnMut(Progress)>(
             })
             .collect();
         drop(done_tx);
+        // A second receiving thread where there is a second core: it
+        // authenticates and decrypts in parallel with this one.
+        let listener = (workers >= 2).then(|| {
+            let (opener, rxm, ready, stop) = (&opener, &rxm, &ready, &stop);
+            scope.spawn(move || listen(socket, opener, rxm, ready, stop))
+        });
         let r = pump(
             cfg,
             socket,
-            rx,
+            &opener,
+            &rxm,
+            &ready,
             image,
             &to_disk,
             &done_rx,
@@ -197,6 +211,12 @@ pub fn receive<F: FnMut(Progress)>(
             &broken,
             &mut summary,
         );
+        stop.store(true, Ordering::SeqCst);
+        if let Some(l) = listener {
+            if let Err(panic) = l.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
         drop(to_disk);
         let mut w = Ok(());
         for h in handles {
@@ -210,11 +230,19 @@ pub fn receive<F: FnMut(Progress)>(
         }
         // Apply what the workers finished after the pump stopped.
         for d in done_rx.try_iter() {
-            apply(rx, d, image, meter, &mut summary, &mut HashMap::new());
+            apply(
+                &mut lock(&rxm),
+                d,
+                image,
+                meter,
+                &mut summary,
+                &mut HashMap::new(),
+            );
         }
         w.and(r)
     });
     fatal?;
+    let rx = rxm.into_inner().unwrap_or_else(|p| p.into_inner());
     summary.stats = rx.stats();
     summary.elapsed = start.elapsed();
     Ok(summary)
@@ -242,11 +270,81 @@ fn apply<F: FnMut(Progress)>(
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Ready = Mutex<VecDeque<(u32, Vec<u8>)>>;
+
+/// Opens (authenticates, decrypts) the datagrams in `buf` without the lock,
+/// then takes each into the receiver; whole chunks go to `ready`.
+fn take(opener: &Opener, rxm: &Mutex<&mut Receiver>, ready: &Ready, buf: &mut [u8], seg: usize) {
+    let now = Instant::now();
+    let seg = if seg == 0 { buf.len() } else { seg };
+    for d in buf.chunks_mut(seg) {
+        let opened = opener.open(d);
+        let mut rx = lock(rxm);
+        match opened.and_then(|h| rx.accept(now, &h, d)) {
+            Ok(Event::Complete { chunk, stored }) => {
+                drop(rx);
+                lock(ready).push_back((chunk, stored));
+            }
+            Ok(_) => {}
+            Err(e) => rx.count(e),
+        }
+    }
+}
+
+/// One `recvmsg` into `buf` and [`take`]; false when nothing came.
+fn receive_once(
+    socket: &UdpSocket,
+    opener: &Opener,
+    rxm: &Mutex<&mut Receiver>,
+    ready: &Ready,
+    buf: &mut [u8],
+) -> bool {
+    match recv_gro(socket, buf) {
+        Ok((n, seg)) => {
+            take(opener, rxm, ready, &mut buf[..n], seg);
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => {
+            warn!("multicast: receiving: {e}");
+            false
+        }
+    }
+}
+
+/// The second receiving thread: until `stop`.
+fn listen(
+    socket: &UdpSocket,
+    opener: &Opener,
+    rxm: &Mutex<&mut Receiver>,
+    ready: &Ready,
+    stop: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        receive_once(socket, opener, rxm, ready, &mut buf);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn pump<F: FnMut(Progress)>(
     cfg: &McastConfig,
     socket: &UdpSocket,
-    rx: &mut Receiver,
+    opener: &Opener,
+    rxm: &Mutex<&mut Receiver>,
+    ready: &Ready,
     image: &Image,
     to_disk: &mpsc::SyncSender<(u32, Vec<u8>)>,
     done: &mpsc::Receiver<Written_>,
@@ -256,7 +354,6 @@ fn pump<F: FnMut(Progress)>(
     summary: &mut McastSummary,
 ) -> Result<(), DeployError> {
     let start = Instant::now();
-    let mut ready: VecDeque<(u32, Vec<u8>)> = VecDeque::new();
     let mut fails: HashMap<u32, u32> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     let mut was_busy = false;
@@ -271,25 +368,38 @@ fn pump<F: FnMut(Progress)>(
             return Ok(());
         }
         for d in done.try_iter() {
-            apply(rx, d, image, meter, summary, &mut fails);
+            apply(&mut lock(rxm), d, image, meter, summary, &mut fails);
         }
-        while let Some(item) = ready.pop_front() {
-            match to_disk.try_send(item) {
-                Ok(()) => {}
-                Err(TrySendError::Full(item)) => {
-                    ready.push_front(item);
-                    break;
+        {
+            let mut q = lock(ready);
+            while let Some(item) = q.pop_front() {
+                match to_disk.try_send(item) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(item)) => {
+                        q.push_front(item);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return Ok(()),
                 }
-                Err(TrySendError::Disconnected(_)) => return Ok(()),
             }
         }
         let now = Instant::now();
-        if rx.complete() {
+        let (complete, busy, idle, last_data, handed, missing) = {
+            let rx = lock(rxm);
+            (
+                rx.complete(),
+                rx.busy(),
+                rx.stream_idle(now),
+                rx.last_data(),
+                rx.handed(),
+                rx.missing().len(),
+            )
+        };
+        if complete {
             return Ok(());
         }
-        was_busy |= rx.busy();
-        let idle = rx.stream_idle(now);
-        let reason = match rx.last_data() {
+        was_busy |= busy;
+        let reason = match last_data {
             None if now.duration_since(start) > cfg.first_data_within => Some(format!(
                 "no multicast data within {} s",
                 cfg.first_data_within.as_secs()
@@ -300,15 +410,10 @@ fn pump<F: FnMut(Progress)>(
             // A straggler (its buffers filled while the others went on)
             // takes what it still lacks by TCP at its disk's pace; a few
             // chunks are cheaper to ask for again by multicast.
-            Some(_)
-                if idle
-                    && was_busy
-                    && rx.handed() == 0
-                    && rx.missing().len() > (image.chunks.len() / 8).max(8) =>
-            {
+            Some(_) if idle && was_busy && handed == 0 && missing > (image.chunks.len() / 8).max(8) => {
                 Some("this disk is slower than the session (its buffers filled): the rest by unicast".into())
             }
-            _ if idle && rx.handed() == 0 && fails.values().any(|&f| f >= MAX_FAILS) => {
+            _ if idle && handed == 0 && fails.values().any(|&f| f >= MAX_FAILS) => {
                 let bad: Vec<u32> = fails
                     .iter()
                     .filter(|(_, f)| **f >= MAX_FAILS)
@@ -321,59 +426,30 @@ fn pump<F: FnMut(Progress)>(
             _ => None,
         };
         if let Some(r) = reason {
-            if ready.is_empty() && rx.handed() == 0 {
+            if lock(ready).is_empty() && handed == 0 {
                 info!("multicast: {r}");
                 summary.fell_back = Some(r);
                 return Ok(());
             }
         }
-        if let Some(report) = rx.poll(now) {
+        let report = lock(rxm).poll(now);
+        if let Some(report) = report {
             if let Err(e) = socket.send_to(&report, cfg.sender) {
                 debug!("multicast: report to {}: {e}", cfg.sender);
             }
         }
         if now.duration_since(last_log) >= Duration::from_secs(5) {
             last_log = now;
-            let s = rx.stats();
+            let s = lock(rxm).stats();
             debug!(
-                "multicast: {} chunks written, {} missing, received {}, lost {}, forged {}, skipped {}",
-                s.chunks_done,
-                rx.missing().len(),
-                s.received,
-                s.lost,
-                s.forged,
-                s.skipped
+                "multicast: {} chunks written, {missing} missing, received {}, lost {}, forged {}, skipped {}",
+                s.chunks_done, s.received, s.lost, s.forged, s.skipped
             );
         }
         // Receive what is there (bounded per turn, so reports still go).
         for _ in 0..64 {
-            let (n, seg) = match recv_gro(socket, &mut buf) {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("multicast: receiving: {e}");
-                    break;
-                }
-            };
-            let now = Instant::now();
-            let seg = if seg == 0 { n } else { seg };
-            let mut off = 0;
-            while off < n {
-                let end = (off + seg).min(n);
-                if let Ok(Event::Complete { chunk, stored }) =
-                    rx.on_datagram(now, &mut buf[off..end])
-                {
-                    ready.push_back((chunk, stored));
-                }
-                off = end;
+            if !receive_once(socket, opener, rxm, ready, &mut buf) {
+                break;
             }
         }
     }

@@ -458,7 +458,11 @@ fn wait_for(c: &Client, id: u64, limit: Duration, json: bool) -> Result<ExitCode
             ));
         }
         // Quick at first (short jobs end within a second), then gentler.
-        let poll = if start.elapsed() < Duration::from_secs(60) { 50 } else { 500 };
+        let poll = if start.elapsed() < Duration::from_secs(60) {
+            50
+        } else {
+            500
+        };
         std::thread::sleep(Duration::from_millis(poll));
     };
     if json {

@@ -10,12 +10,13 @@
 //! once the stream is idle, for whole chunks never seen (a late joiner).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::blocks::BlockSet;
 use super::wire::{
-    open_message, seal_message, Ack, Cipher, Drop, Header, Keys, Kind, ReceiverStats, Report, Want,
-    HEADER_LEN, MAX_WANTS, NONCE_ACK, NONCE_DATA,
+    seal_message, Ack, Cipher, Drop, Header, Keys, Kind, ReceiverStats, Report, Want, HEADER_LEN,
+    MAX_WANTS, NONCE_ACK, NONCE_DATA, TAG_LEN,
 };
 use super::Geometry;
 
@@ -25,6 +26,8 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(100);
 pub const REPAIR_AFTER: Duration = Duration::from_millis(40);
 /// The same blocks are not asked for again sooner than this.
 pub const REASK: Duration = Duration::from_millis(400);
+/// Whole chunks are asked for again this often before any data came.
+pub const JOIN_REASK: Duration = Duration::from_secs(1);
 /// No data for this long: the stream is idle (or has not started).
 pub const IDLE: Duration = Duration::from_millis(150);
 /// Whole chunks asked for at once when idle.
@@ -74,10 +77,23 @@ pub enum Event {
     Ack(Ack),
 }
 
+/// The stateless half of a receiver: checks, authenticates and decrypts
+/// datagrams. Cheap to clone, so several threads can open datagrams at once
+/// and take turns to [`Receiver::accept`] them.
+#[derive(Debug, Clone)]
+pub struct Opener {
+    session: u64,
+    receiver: u32,
+    cipher: Cipher,
+    keys: Arc<Keys>,
+    geo: Arc<Geometry>,
+}
+
 #[derive(Debug)]
 pub struct Receiver {
     cfg: ReceiverConfig,
-    keys: Keys,
+    keys: Arc<Keys>,
+    opener: Opener,
     geo: Geometry,
     slots: Vec<Slot>,
     partials: HashMap<u32, Partial>,
@@ -93,6 +109,49 @@ pub struct Receiver {
     confirmed: Option<bool>,
 }
 
+impl Opener {
+    /// Checks a datagram and authenticates and decrypts it in place,
+    /// without touching the receiver's state.
+    pub fn open(&self, d: &mut [u8]) -> Result<Header, Drop> {
+        let h = Header::parse(d)?;
+        if h.session != self.session {
+            return Err(Drop::OtherSession);
+        }
+        match h.kind {
+            Kind::Data => {}
+            Kind::Ack if h.a == self.receiver => {
+                if d.len() < HEADER_LEN + TAG_LEN {
+                    return Err(Drop::Malformed);
+                }
+                let end = d.len() - TAG_LEN;
+                let (head, rest) = d.split_at_mut(HEADER_LEN);
+                let (payload, t) = rest.split_at_mut(end - HEADER_LEN);
+                self.keys.open(&h, NONCE_ACK, head, payload, t)?;
+                return Ok(h);
+            }
+            Kind::Ack => return Err(Drop::OtherSession),
+            Kind::Report => return Err(Drop::Unexpected),
+        }
+        let (chunk, block) = (h.a, h.b);
+        let tag = self.cipher.data_tag_len();
+        if chunk as usize >= self.geo.chunks() || block >= self.geo.blocks(chunk) {
+            return Err(Drop::Impossible);
+        }
+        let range = self.geo.block_range(chunk, block);
+        if d.len() != HEADER_LEN + range.len() + tag {
+            return Err(Drop::Impossible);
+        }
+        if self.cipher == Cipher::ChaCha20Poly1305 {
+            // Authenticate everything, duplicates too, so forgeries are
+            // counted and never touch a chunk buffer.
+            let (head, rest) = d.split_at_mut(HEADER_LEN);
+            let (payload, t) = rest.split_at_mut(range.len());
+            self.keys.open(&h, NONCE_DATA, head, payload, t)?;
+        }
+        Ok(h)
+    }
+}
+
 impl Receiver {
     /// A receiver for `geo`; chunks for which `already(index)` is true are
     /// on the disk already (a resumed deploy) and never asked for.
@@ -106,8 +165,17 @@ impl Receiver {
                 }
             })
             .collect();
+        let keys = Arc::new(Keys::new(&cfg.key));
+        let opener = Opener {
+            session: cfg.session,
+            receiver: cfg.receiver,
+            cipher: cfg.cipher,
+            keys: keys.clone(),
+            geo: Arc::new(geo.clone()),
+        };
         Receiver {
-            keys: Keys::new(&cfg.key),
+            keys,
+            opener,
             cfg,
             geo,
             slots,
@@ -125,51 +193,53 @@ impl Receiver {
         }
     }
 
-    /// Handles one datagram (decrypting it in place).
+    /// Handles one datagram (decrypting it in place): [`Receiver::open`],
+    /// then [`Receiver::accept`].
     pub fn on_datagram(&mut self, now: Instant, d: &mut [u8]) -> Result<Event, Drop> {
-        let r = self.datagram(now, d);
-        match r {
-            Err(Drop::Forged | Drop::Impossible | Drop::Malformed | Drop::Unexpected) => {
-                self.stats.forged += 1
-            }
-            Err(Drop::OtherSession) => self.stats.other_session += 1,
-            Err(Drop::Busy) => self.stats.skipped += 1,
-            _ => {}
+        let r = self.open(d).and_then(|h| self.accept(now, &h, d));
+        if let Err(e) = r {
+            self.count(e);
         }
         r
     }
 
-    fn datagram(&mut self, now: Instant, d: &mut [u8]) -> Result<Event, Drop> {
-        let h = Header::parse(d)?;
-        if h.session != self.cfg.session {
-            return Err(Drop::OtherSession);
-        }
-        match h.kind {
-            Kind::Data => {}
-            Kind::Ack if h.a == self.cfg.receiver => {
-                let ack: Ack = open_message(&self.keys, &h, NONCE_ACK, d)?;
-                self.confirmed = Some(ack.confirmed);
-                return Ok(Event::Ack(ack));
+    /// Counts a dropped datagram in the statistics (for drops from
+    /// [`Receiver::open`] called outside [`Receiver::on_datagram`]).
+    pub fn count(&mut self, e: Drop) {
+        match e {
+            Drop::Forged | Drop::Impossible | Drop::Malformed | Drop::Unexpected => {
+                self.stats.forged += 1
             }
-            Kind::Ack => return Err(Drop::OtherSession),
-            Kind::Report => return Err(Drop::Unexpected),
+            Drop::OtherSession => self.stats.other_session += 1,
+            Drop::Busy => self.stats.skipped += 1,
+            Drop::Duplicate => {}
+        }
+    }
+
+    /// [`Opener::open`] with this receiver's opener.
+    pub fn open(&self, d: &mut [u8]) -> Result<Header, Drop> {
+        self.opener.open(d)
+    }
+
+    /// A handle that opens datagrams for this receiver from another thread.
+    pub fn opener(&self) -> Opener {
+        self.opener.clone()
+    }
+
+    /// Takes in a datagram [`Receiver::open`] accepted (`d` as it left it).
+    pub fn accept(&mut self, now: Instant, h: &Header, d: &[u8]) -> Result<Event, Drop> {
+        if h.kind == Kind::Ack {
+            let body = &d[HEADER_LEN..d.len().saturating_sub(TAG_LEN)];
+            let ack: Ack = postcard::from_bytes(body).map_err(|_| Drop::Malformed)?;
+            self.confirmed = Some(ack.confirmed);
+            return Ok(Event::Ack(ack));
         }
         let (chunk, block) = (h.a, h.b);
-        let tag = self.cfg.cipher.data_tag_len();
-        if chunk as usize >= self.geo.chunks() || block >= self.geo.blocks(chunk) {
-            return Err(Drop::Impossible);
-        }
         let range = self.geo.block_range(chunk, block);
-        if d.len() != HEADER_LEN + range.len() + tag {
-            return Err(Drop::Impossible);
-        }
-        if self.cfg.cipher == Cipher::ChaCha20Poly1305 {
-            // Authenticate everything, duplicates too, so forgeries are
-            // counted and never touch a chunk buffer.
-            let (head, rest) = d.split_at_mut(HEADER_LEN);
-            let (payload, t) = rest.split_at_mut(range.len());
-            self.keys.open(&h, NONCE_DATA, head, payload, t)?;
-        } else if self.seq_lo.is_some() && h.seq > self.seq_hi.saturating_add(1 << 20) {
+        if self.cfg.cipher == Cipher::Rc4
+            && self.seq_lo.is_some()
+            && h.seq > self.seq_hi.saturating_add(1 << 20)
+        {
             // RC4 headers are not authenticated: an absurd jump in the
             // sequence is a forgery, not a million lost datagrams.
             return Err(Drop::Impossible);
@@ -180,7 +250,7 @@ impl Receiver {
                 .partials
                 .get(&chunk)
                 .is_some_and(|p| p.have.contains(block));
-        self.note_seq(now, &h);
+        self.note_seq(now, h);
         if have {
             self.stats.received += 1;
             return Err(Drop::Duplicate);
@@ -337,10 +407,18 @@ impl Receiver {
                 p.asked = Some(now);
             }
             if self.stream_idle(now) {
+                // Before any data (a session not started yet, or one that
+                // ended before this receiver joined) ask once a second, not
+                // at the repair pace.
+                let reask = if self.last_data.is_none() {
+                    JOIN_REASK
+                } else {
+                    REASK
+                };
                 let outstanding = self
                     .asked_whole
                     .values()
-                    .filter(|t| now.duration_since(**t) < REASK)
+                    .filter(|t| now.duration_since(**t) < reask)
                     .count();
                 let mut room = WINDOW.saturating_sub(outstanding);
                 for c in 0..self.slots.len() as u32 {
@@ -353,7 +431,7 @@ impl Receiver {
                     if self
                         .asked_whole
                         .get(&c)
-                        .is_some_and(|t| now.duration_since(*t) < REASK)
+                        .is_some_and(|t| now.duration_since(*t) < reask)
                     {
                         continue;
                     }
@@ -363,10 +441,7 @@ impl Receiver {
                         first: 0,
                         count: n,
                     });
-                    if self.last_data.is_some() {
-                        // Before any data this is a join, not a repair.
-                        self.stats.repairs_requested += u64::from(n);
-                    }
+                    self.stats.repairs_requested += u64::from(n);
                     self.asked_whole.insert(c, now);
                     room -= 1;
                 }

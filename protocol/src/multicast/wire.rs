@@ -243,7 +243,13 @@ impl Keys {
     ) -> Result<(), Drop> {
         let tag = Tag::try_from(tag).map_err(|_| Drop::Malformed)?;
         self.aead(header.kind)
-            .open_in_place_separate_tag(nonce(prefix, header.seq), Aad::from(head), tag, payload, 0..)
+            .open_in_place_separate_tag(
+                nonce(prefix, header.seq),
+                Aad::from(head),
+                tag,
+                payload,
+                0..,
+            )
             .map(drop)
             .map_err(|_| Drop::Forged)
     }
