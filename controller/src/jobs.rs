@@ -112,7 +112,7 @@ pub enum JobError {
     BadTimeout(u32),
     #[error("deploy step {0:?}: expected deploy:GROUP/NAME@DISK (DISK: auto, serial=S, wwn=W, name=N, path=P or file=F)")]
     BadDeploy(String),
-    #[error("deploy option {0:?}: expected mode=auto|multicast|unicast, cipher=chacha20poly1305|rc4, min=N, wait=SECS or rate=MBPS")]
+    #[error("deploy option {0:?}: expected mode=auto|multicast|unicast, cipher=chacha20poly1305|aes256gcm|rc4, min=N, wait=SECS or rate=MBPS")]
     BadDeployOption(String),
     #[error("a job needs at least one step")]
     NoSteps,

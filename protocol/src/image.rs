@@ -22,8 +22,8 @@ use sha2::{Digest, Sha256};
 mod chunk;
 
 pub use chunk::{
-    decode_chunk, decode_chunk_into, decode_chunk_into_authenticated, verify_chunk, verify_volume,
-    ChunkError,
+    check_raw_authenticated, decode_chunk, decode_chunk_into, decode_chunk_into_authenticated,
+    verify_chunk, verify_volume, ChunkError,
 };
 
 /// First eight bytes of the preamble and last eight bytes of the footer.

@@ -277,7 +277,7 @@ fn tc(f: &Fleet, args: &[&str]) {
 }
 
 #[test]
-fn lossy_links_to_two_receivers_are_repaired() {
+fn aes_session_with_lossy_links_to_two_receivers_is_repaired() {
     // This kernel has no sch_netem (and no tc classifiers), so the loss
     // comes from a token bucket: the bridge ports to receivers 1 and 2 pass
     // at most 19 MB/s with a 5 ms queue, the session is capped at 20 MB/s,
@@ -292,12 +292,13 @@ fn lossy_links_to_two_receivers_are_repaired() {
             ],
         );
     }
-    let job = f.deploy(";min=4;wait=20;rate=20");
+    let job = f.deploy(";min=4;wait=20;rate=20;cipher=aes256gcm");
     let shown = f.wait(&job, Duration::from_secs(180));
     println!("{shown}");
     f.check_targets();
     let s = f.session(&job);
     println!("{}", serde_json::to_string_pretty(&s).unwrap());
+    assert_eq!(s["cipher"], "aes256gcm", "{s}");
     let rs = s["receivers"].as_array().unwrap();
     assert_eq!(rs.len(), 4, "{s}");
     assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");

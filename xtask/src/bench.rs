@@ -1077,8 +1077,10 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
 
 /// The deploy step of the multicast bench: every agent's `vda` (a symlink
 /// to its own file in bench_dir), multicast, starting once `n` joined.
+/// SHOAL_BENCH_OPTIONS adds step options, e.g. `;cipher=aes256gcm`.
 fn multicast_step(n: usize) -> String {
-    format!("deploy:bench/disk@name=vda;mode=multicast;min={n};wait=30")
+    let extra = std::env::var("SHOAL_BENCH_OPTIONS").unwrap_or_default();
+    format!("deploy:bench/disk@name=vda;mode=multicast;min={n};wait=30{extra}")
 }
 
 /// One `mode=multicast` job on the first `n` agents. An error is a failed

@@ -4,10 +4,11 @@
 //! is missing to the sender. `shoal_protocol::multicast::Receiver` is the
 //! state machine; this is its I/O.
 //!
-//! Two threads: this one receives (a 16 MiB socket buffer) and decrypts; a worker verifies (SHA-1 and
-//! SHA-256 of every chunk), decompresses and writes with `O_DIRECT`, in
-//! whatever order chunks complete. Memory is bounded by the receiver's
-//! chunk buffers. The multicast phase ends when every data chunk is
+//! This thread receives (a 16 MiB socket buffer) and opens datagrams
+//! (authenticates, decrypts) outside the receiver's lock; workers (one per core, up to three) verify each chunk
+//! against the table (SHA-1 under ChaCha20-Poly1305, SHA-1 and SHA-256
+//! under RC4), decompress and write with `O_DIRECT`, in whatever order
+//! chunks complete. Memory is bounded by the receiver's chunk buffers. The multicast phase ends when every data chunk is
 //! written, or hands the rest to the unicast pull ([`super::deploy`]):
 //! when no multicast arrives within the session's start bound (a switch
 //! that drops it), when the stream stalls, when this disk is the
@@ -25,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::sys::socket::{self as sock, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
-use shoal_protocol::image::{decode_chunk_into, decode_chunk_into_authenticated, Image};
+use shoal_protocol::image::{
+    check_raw_authenticated, decode_chunk_into, decode_chunk_into_authenticated, Image,
+};
 use shoal_protocol::multicast::{
     completion_digest, Cipher, Event, Geometry, Opener, Receiver, ReceiverConfig, ReceiverStats,
 };
@@ -69,8 +72,8 @@ pub struct McastSummary {
 }
 
 enum Written_ {
-    Ok(u32),
-    Bad(u32, String),
+    Ok(u32, Vec<u8>),
+    Bad(u32, String, Vec<u8>),
 }
 
 /// The socket: bound to the group's port on every address (acks come to
@@ -128,7 +131,6 @@ pub fn receive<F: FnMut(Progress)>(
     let opener = rx.opener();
     let rxm = Mutex::new(&mut *rx);
     let ready: Mutex<VecDeque<(u32, Vec<u8>)>> = Mutex::new(VecDeque::new());
-    let stop = AtomicBool::new(false);
     // Verification (two hashes per byte) is the heaviest per-byte work:
     // one worker per core, up to three; writes take turns on the disk.
     let workers = std::thread::available_parallelism()
@@ -154,20 +156,39 @@ pub fn receive<F: FnMut(Progress)>(
                             return Ok(());
                         };
                         let entry = &image.chunks[chunk as usize];
-                        let buf = &mut out[..entry.volume_len as usize];
-                        let decoded = match cipher {
-                            // Every block passed Poly1305 under the session
-                            // key: the table's SHA-1 completes the check.
-                            Cipher::ChaCha20Poly1305 => {
-                                decode_chunk_into_authenticated(header, entry, &stored, buf)
-                            }
-                            // RC4 has no integrity of its own: SHA-1 and SHA-256.
-                            Cipher::Rc4 => decode_chunk_into(header, entry, &stored, buf),
+                        // A raw chunk under ChaCha20-Poly1305 is checked in
+                        // place and written as it came; the others are
+                        // decoded into this worker's buffer.
+                        let raw = match cipher {
+                            c if c.is_aead() => check_raw_authenticated(entry, &stored),
+                            _ => Ok(false),
                         };
-                        if let Err(e) = decoded {
-                            let _ = done_tx.send(Written_::Bad(chunk, e.to_string()));
-                            continue;
-                        }
+                        let vlen = entry.volume_len as usize;
+                        let decoded = match raw {
+                            Ok(true) => Ok(&stored[..]),
+                            Ok(false) => {
+                                let buf = &mut out[..vlen];
+                                if cipher.is_aead() {
+                                    // Every block passed the AEAD under the
+                                    // session key: the table's SHA-1
+                                    // completes the check.
+                                    decode_chunk_into_authenticated(header, entry, &stored, buf)
+                                } else {
+                                    // RC4 has no integrity of its own: SHA-1
+                                    // and SHA-256.
+                                    decode_chunk_into(header, entry, &stored, buf)
+                                }
+                                .map(|()| &out[..vlen])
+                            }
+                            Err(e) => Err(e),
+                        };
+                        let buf = match decoded {
+                            Ok(b) => b,
+                            Err(e) => {
+                                let _ = done_tx.send(Written_::Bad(chunk, e.to_string(), stored));
+                                continue;
+                            }
+                        };
                         let mut d = disk.lock().unwrap_or_else(|p| p.into_inner());
                         let (writer, written) = &mut *d;
                         let index = u64::from(chunk);
@@ -185,18 +206,12 @@ pub fn receive<F: FnMut(Progress)>(
                             broken.store(true, Ordering::SeqCst);
                             return Err(e);
                         }
-                        let _ = done_tx.send(Written_::Ok(chunk));
+                        let _ = done_tx.send(Written_::Ok(chunk, stored));
                     }
                 })
             })
             .collect();
         drop(done_tx);
-        // A second receiving thread where there is a second core: it
-        // authenticates and decrypts in parallel with this one.
-        let listener = (workers >= 2).then(|| {
-            let (opener, rxm, ready, stop) = (&opener, &rxm, &ready, &stop);
-            scope.spawn(move || listen(socket, opener, rxm, ready, stop))
-        });
         let r = pump(
             cfg,
             socket,
@@ -211,12 +226,6 @@ pub fn receive<F: FnMut(Progress)>(
             &broken,
             &mut summary,
         );
-        stop.store(true, Ordering::SeqCst);
-        if let Some(l) = listener {
-            if let Err(panic) = l.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
         drop(to_disk);
         let mut w = Ok(());
         for h in handles {
@@ -257,12 +266,14 @@ fn apply<F: FnMut(Progress)>(
     fails: &mut HashMap<u32, u32>,
 ) {
     match d {
-        Written_::Ok(c) => {
+        Written_::Ok(c, buf) => {
+            rx.recycle(buf);
             rx.written(c);
             summary.chunks += 1;
             meter.add(u64::from(image.chunks[c as usize].volume_len));
         }
-        Written_::Bad(c, why) => {
+        Written_::Bad(c, why, buf) => {
+            rx.recycle(buf);
             warn!("multicast: chunk {c} failed verification ({why}); dropped, asking again");
             rx.failed(c);
             *fails.entry(c).or_default() += 1;
@@ -321,20 +332,6 @@ fn receive_once(
             warn!("multicast: receiving: {e}");
             false
         }
-    }
-}
-
-/// The second receiving thread: until `stop`.
-fn listen(
-    socket: &UdpSocket,
-    opener: &Opener,
-    rxm: &Mutex<&mut Receiver>,
-    ready: &Ready,
-    stop: &AtomicBool,
-) {
-    let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
-        receive_once(socket, opener, rxm, ready, &mut buf);
     }
 }
 

@@ -106,6 +106,29 @@ pub fn decode_chunk_into_authenticated(
     decode_checked(header, entry, stored, out, Check::Sha1)
 }
 
+/// For stored bytes that came authenticated by the Controller: if the chunk
+/// is raw, checks them against the entry's length and SHA-1 in place (they
+/// are its volume bytes, to be written as they are) and returns true;
+/// returns false for other kinds, which need [`decode_chunk_into_authenticated`].
+pub fn check_raw_authenticated(entry: &ChunkEntry, stored: &[u8]) -> Result<bool, ChunkError> {
+    if entry.kind != ChunkKind::Raw {
+        return Ok(false);
+    }
+    let index = entry.index;
+    if stored.len() as u64 != u64::from(entry.stored_len) || entry.stored_len != entry.volume_len {
+        return Err(ChunkError::StoredLength {
+            index,
+            got: stored.len() as u64,
+            want: entry.stored_len,
+        });
+    }
+    let sha1: [u8; 20] = Sha1::digest(stored).into();
+    if sha1 != entry.sha1_stored || entry.sha1_volume != entry.sha1_stored {
+        return Err(ChunkError::StoredSha1 { index });
+    }
+    Ok(true)
+}
+
 fn decode_checked(
     header: &Header,
     entry: &ChunkEntry,

@@ -97,6 +97,8 @@ pub struct Receiver {
     geo: Geometry,
     slots: Vec<Slot>,
     partials: HashMap<u32, Partial>,
+    /// Buffers given back, for the next chunks.
+    spare: Vec<Vec<u8>>,
     handed: usize,
     asked_whole: HashMap<u32, Instant>,
     stats: ReceiverStats,
@@ -141,7 +143,7 @@ impl Opener {
         if d.len() != HEADER_LEN + range.len() + tag {
             return Err(Drop::Impossible);
         }
-        if self.cipher == Cipher::ChaCha20Poly1305 {
+        if self.cipher.is_aead() {
             // Authenticate everything, duplicates too, so forgeries are
             // counted and never touch a chunk buffer.
             let (head, rest) = d.split_at_mut(HEADER_LEN);
@@ -165,7 +167,7 @@ impl Receiver {
                 }
             })
             .collect();
-        let keys = Arc::new(Keys::new(&cfg.key));
+        let keys = Arc::new(Keys::new(&cfg.key, cfg.cipher));
         let opener = Opener {
             session: cfg.session,
             receiver: cfg.receiver,
@@ -180,6 +182,7 @@ impl Receiver {
             geo,
             slots,
             partials: HashMap::new(),
+            spare: Vec::new(),
             handed: 0,
             asked_whole: HashMap::new(),
             stats: ReceiverStats::default(),
@@ -259,14 +262,28 @@ impl Receiver {
             return Err(Drop::Busy);
         }
         self.stats.received += 1;
-        let n = self.geo.blocks(chunk);
-        let len = self.geo.stored_len(chunk);
-        let p = self.partials.entry(chunk).or_insert_with(|| Partial {
-            have: BlockSet::empty(n),
-            buf: vec![0u8; len],
-            last: now,
-            asked: None,
-        });
+        if !self.partials.contains_key(&chunk) {
+            let n = self.geo.blocks(chunk);
+            let len = self.geo.stored_len(chunk);
+            let buf = match self.spare.pop() {
+                Some(mut b) => {
+                    b.clear();
+                    b.resize(len, 0);
+                    b
+                }
+                None => vec![0u8; len],
+            };
+            self.partials.insert(
+                chunk,
+                Partial {
+                    have: BlockSet::empty(n),
+                    buf,
+                    last: now,
+                    asked: None,
+                },
+            );
+        }
+        let p = self.partials.get_mut(&chunk).expect("inserted above");
         let blen = range.len();
         p.buf[range].copy_from_slice(&d[HEADER_LEN..HEADER_LEN + blen]);
         self.slots[chunk as usize] = Slot::Partial;
@@ -294,6 +311,14 @@ impl Receiver {
         self.seq_hi = self.seq_hi.max(h.seq);
         self.last_data = Some(now);
         self.last_queued = h.c;
+    }
+
+    /// Gives back a chunk buffer handed out with [`Event::Complete`], to be
+    /// reused for a later chunk (no fresh pages to fault in).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < self.cfg.max_partials {
+            self.spare.push(buf);
+        }
     }
 
     /// `chunk` (handed out) was verified and written.

@@ -107,7 +107,7 @@ impl Sender {
     pub fn new(cfg: SenderConfig, geo: Geometry) -> Sender {
         let max = cfg.max_rate.unwrap_or(UNCAPPED_RATE).max(MIN_RATE);
         Sender {
-            keys: Keys::new(&cfg.key),
+            keys: Keys::new(&cfg.key, cfg.cipher),
             first_pass: vec![false; geo.chunks()],
             cfg,
             geo,
@@ -248,7 +248,9 @@ impl Sender {
         let len = plain.len();
         out[HEADER_LEN..HEADER_LEN + len].copy_from_slice(plain);
         let n = match self.cfg.cipher {
-            Cipher::ChaCha20Poly1305 => self.keys.seal(&header, NONCE_DATA, out, len),
+            Cipher::ChaCha20Poly1305 | Cipher::Aes256Gcm => {
+                self.keys.seal(&header, NONCE_DATA, out, len)
+            }
             Cipher::Rc4 => {
                 header.write(out);
                 HEADER_LEN + len

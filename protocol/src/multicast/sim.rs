@@ -215,7 +215,7 @@ fn run(s: &Scenario) -> (Vec<ReceiverStats>, Sender) {
                     }
                     rc4_cache.as_ref().unwrap().1[range].to_vec()
                 }
-                Cipher::ChaCha20Poly1305 => chunks[c as usize][range].to_vec(),
+                Cipher::ChaCha20Poly1305 | Cipher::Aes256Gcm => chunks[c as usize][range].to_vec(),
             };
             let len = tx.seal_data(c, b, &plain, &mut out);
             for (i, n) in nodes.iter().enumerate() {
@@ -353,6 +353,23 @@ fn rc4_sessions_recover_from_loss() {
     s.cipher = Cipher::Rc4;
     s.jitter_ms = 4;
     run(&s);
+}
+
+#[test]
+fn aes256gcm_sessions_recover_from_loss_and_drop_forgeries() {
+    let lossy = Peer {
+        loss: 0.05,
+        ..Peer::good()
+    };
+    let mut s = scenario(8, vec![lossy, Peer::good(), Peer::good()]);
+    s.cipher = Cipher::Aes256Gcm;
+    s.jitter_ms = 3;
+    s.forged_per_ms = 1;
+    let (stats, _) = run(&s);
+    assert!(
+        stats.iter().all(|st| st.forged > 0 && st.bad_chunks == 0),
+        "{stats:?}"
+    );
 }
 
 #[test]

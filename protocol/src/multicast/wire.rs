@@ -22,7 +22,9 @@
 
 use hkdf::Hkdf;
 use rc4::{KeyInit, Rc4, StreamCipher};
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{
+    Aad, Algorithm, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, CHACHA20_POLY1305,
+};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -54,6 +56,9 @@ pub enum Cipher {
     /// AEAD per datagram: forged or altered datagrams are dropped on arrival.
     #[default]
     ChaCha20Poly1305,
+    /// The same with AES-256-GCM: several times faster where the CPU has
+    /// AES instructions (6.7 GB/s against 1.5 GB/s here, 1424-byte datagrams).
+    Aes256Gcm,
     /// The seeds' cipher, per-chunk keys; integrity rests on the SHA-1 and
     /// SHA-256 of each chunk in the authenticated chunk table.
     Rc4,
@@ -63,6 +68,7 @@ impl Cipher {
     pub fn as_str(self) -> &'static str {
         match self {
             Cipher::ChaCha20Poly1305 => "chacha20poly1305",
+            Cipher::Aes256Gcm => "aes256gcm",
             Cipher::Rc4 => "rc4",
         }
     }
@@ -70,16 +76,23 @@ impl Cipher {
     pub fn parse(s: &str) -> Option<Cipher> {
         match s {
             "chacha20poly1305" | "chacha" => Some(Cipher::ChaCha20Poly1305),
+            "aes256gcm" | "aes" => Some(Cipher::Aes256Gcm),
             "rc4" => Some(Cipher::Rc4),
             _ => None,
         }
     }
 
+    /// Whether every data datagram is authenticated on its own.
+    pub fn is_aead(self) -> bool {
+        self != Cipher::Rc4
+    }
+
     /// Bytes after the payload of a data datagram.
     pub fn data_tag_len(self) -> usize {
-        match self {
-            Cipher::ChaCha20Poly1305 => TAG_LEN,
-            Cipher::Rc4 => 0,
+        if self.is_aead() {
+            TAG_LEN
+        } else {
+            0
         }
     }
 }
@@ -193,16 +206,22 @@ fn nonce(prefix: u32, seq: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-fn aead_key(k: &[u8; 32]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("32-byte ChaCha20-Poly1305 key"))
+fn aead_key(alg: &'static Algorithm, k: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(alg, k).expect("a 32-byte AEAD key"))
 }
 
 impl Keys {
-    pub fn new(session_key: &[u8; 32]) -> Keys {
+    /// The keys of a session using `cipher` (reports and acks, and data
+    /// unless the cipher is RC4, use its AEAD; ChaCha20-Poly1305 for RC4).
+    pub fn new(session_key: &[u8; 32], cipher: Cipher) -> Keys {
         let hk = Hkdf::<Sha256>::new(Some(b"shoal multicast v1"), session_key);
+        let alg = match cipher {
+            Cipher::Aes256Gcm => &AES_256_GCM,
+            Cipher::ChaCha20Poly1305 | Cipher::Rc4 => &CHACHA20_POLY1305,
+        };
         Keys {
-            down: aead_key(&expand(&hk, b"sender to receivers")),
-            up: aead_key(&expand(&hk, b"receivers to sender")),
+            down: aead_key(alg, &expand(&hk, b"sender to receivers")),
+            up: aead_key(alg, &expand(&hk, b"receivers to sender")),
             rc4_base: expand(&hk, b"rc4 chunk keys"),
         }
     }
