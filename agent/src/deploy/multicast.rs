@@ -287,36 +287,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type Ready = Mutex<VecDeque<(u32, Vec<u8>)>>;
 
-/// Opens (authenticates, decrypts) the datagrams in `buf` without the lock,
-/// then takes each into the receiver; whole chunks go to `ready`.
-fn take(opener: &Opener, rxm: &Mutex<&mut Receiver>, ready: &Ready, buf: &mut [u8], seg: usize) {
-    let now = Instant::now();
-    let seg = if seg == 0 { buf.len() } else { seg };
-    for d in buf.chunks_mut(seg) {
-        let opened = opener.open(d);
-        let mut rx = lock(rxm);
-        match opened.and_then(|h| rx.accept(now, &h, d)) {
-            Ok(Event::Complete { chunk, stored }) => {
-                drop(rx);
-                lock(ready).push_back((chunk, stored));
-            }
-            Ok(_) => {}
-            Err(e) => rx.count(e),
-        }
-    }
-}
-
-/// One `recvmsg` into `buf` and [`take`]; false when nothing came.
+/// One `recvmmsg`, then each datagram opened (authenticated, decrypted)
+/// outside the lock and all taken in under one; false when nothing came.
 fn receive_once(
     socket: &UdpSocket,
     opener: &Opener,
     rxm: &Mutex<&mut Receiver>,
     ready: &Ready,
-    buf: &mut [u8],
+    batch: &mut Batch,
 ) -> bool {
-    match recv_gro(socket, buf) {
-        Ok((n, seg)) => {
-            take(opener, rxm, ready, &mut buf[..n], seg);
+    match batch.receive(socket) {
+        Ok(_) => {
+            let now = Instant::now();
+            let Batch { bufs, lens, .. } = batch;
+            let opened: Vec<_> = bufs
+                .iter_mut()
+                .zip(lens.iter())
+                .map(|(b, &n)| opener.open(&mut b[..n]))
+                .collect();
+            let mut done = Vec::new();
+            {
+                let mut rx = lock(rxm);
+                for ((b, &n), o) in bufs.iter().zip(lens.iter()).zip(opened) {
+                    match o.and_then(|h| rx.accept(now, &h, &b[..n])) {
+                        Ok(Event::Complete { chunk, stored }) => done.push((chunk, stored)),
+                        Ok(_) => {}
+                        Err(e) => rx.count(e),
+                    }
+                }
+            }
+            if !done.is_empty() {
+                lock(ready).extend(done);
+            }
             true
         }
         Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
@@ -352,7 +354,7 @@ fn pump<F: FnMut(Progress)>(
 ) -> Result<(), DeployError> {
     let start = Instant::now();
     let mut fails: HashMap<u32, u32> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    let mut batch = Batch::new(cfg.payload + 64);
     let mut was_busy = false;
     let mut last_log = start;
     loop {
@@ -444,11 +446,52 @@ fn pump<F: FnMut(Progress)>(
             );
         }
         // Receive what is there (bounded per turn, so reports still go).
-        for _ in 0..64 {
-            if !receive_once(socket, opener, rxm, ready, &mut buf) {
+        for _ in 0..4 {
+            if !receive_once(socket, opener, rxm, ready, &mut batch) {
                 break;
             }
         }
+    }
+}
+
+/// Datagrams per `recvmmsg`.
+const BATCH: usize = 32;
+
+/// Buffers for one `recvmmsg`.
+struct Batch {
+    headers: sock::MultiHeaders<SockaddrIn>,
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl Batch {
+    fn new(datagram: usize) -> Batch {
+        Batch {
+            headers: sock::MultiHeaders::preallocate(BATCH, None),
+            bufs: vec![vec![0u8; datagram]; BATCH],
+            lens: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Up to [`BATCH`] datagrams in one system call (waiting, up to the
+    /// socket's timeout, for the first); their lengths go to `lens`.
+    fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(&mut b[..])])
+            .collect();
+        let got = sock::recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_WAITFORONE,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        self.lens.clear();
+        self.lens.extend(got.map(|m| m.bytes));
+        Ok(self.lens.len())
     }
 }
 
