@@ -118,7 +118,7 @@ fn deploy_step(
             mcfg.cipher.as_str(),
             mcfg.receiver
         );
-        let mut meter = multicast::meter(&image, &written, &mut report_progress);
+        let mut meter = deploy::Meter::new(&image, &written, Instant::now(), &mut report_progress);
         let s = multicast::receive(
             mcfg,
             socket,

@@ -328,6 +328,23 @@ pub struct Meter<F: FnMut(Progress)> {
 }
 
 impl<F: FnMut(Progress)> Meter<F> {
+    /// A meter for `image` that counts what `written` holds as done.
+    pub fn new(image: &Image, written: &Written, start: Instant, callback: F) -> Self {
+        let done: u64 = image
+            .chunks
+            .iter()
+            .filter(|e| written.contains(e.index as usize))
+            .map(|e| u64::from(e.volume_len))
+            .sum();
+        let total = image.header.metadata.source_size;
+        Meter {
+            rate: Rate::new(total, done, Duration::from_secs(5), start),
+            done,
+            last: None,
+            callback,
+        }
+    }
+
     fn add(&mut self, bytes: u64) {
         self.done += bytes;
         let now = Instant::now();
@@ -373,23 +390,12 @@ pub fn deploy(
             image: image.chunks.len(),
         });
     }
-    let already: u64 = image
-        .chunks
-        .iter()
-        .filter(|e| written.contains(e.index as usize))
-        .map(|e| u64::from(e.volume_len))
-        .sum();
     let mut report = DeployReport {
         bytes: total,
         chunks_already: written.count() as u64,
         ..DeployReport::default()
     };
-    let mut meter = Meter {
-        rate: Rate::new(total, already, Duration::from_secs(5), start),
-        done: already,
-        last: None,
-        callback: progress,
-    };
+    let mut meter = Meter::new(image, written, start, progress);
     let mut buf = vec![0u8; image.header.chunk_size as usize];
     let mut failures = 0u32;
     loop {

@@ -34,7 +34,7 @@ use shoal_protocol::multicast::{
 };
 
 use super::{DeployError, Meter, Progress};
-use crate::disk::progress::{Rate, Written};
+use crate::disk::progress::Written;
 use crate::disk::writer::DiskWriter;
 
 /// The session as the offer describes it.
@@ -556,21 +556,4 @@ pub fn receiver(cfg: &McastConfig, image: &Image, written: &Written) -> Receiver
         Geometry::of_image(image, cfg.payload),
         |i| written.contains(i),
     )
-}
-
-/// A fresh meter for the multicast phase.
-pub fn meter<F: FnMut(Progress)>(image: &Image, written: &Written, callback: F) -> Meter<F> {
-    let total = image.header.metadata.source_size;
-    let done: u64 = image
-        .chunks
-        .iter()
-        .filter(|e| written.contains(e.index as usize))
-        .map(|e| u64::from(e.volume_len))
-        .sum();
-    Meter {
-        rate: Rate::new(total, done, Duration::from_secs(5), Instant::now()),
-        done,
-        last: None,
-        callback,
-    }
 }

@@ -198,6 +198,38 @@ fn flipped_stored_bit_is_caught() {
 }
 
 #[test]
+fn authenticated_checks_keep_sha1_and_raw_chunks_need_no_copy() {
+    let data = sample();
+    for c in [Compression::None, Compression::Fast] {
+        let (mut file, image) = build(&data, c, CHUNK);
+        for e in image.chunks.iter().filter(|e| !e.is_zero()) {
+            let stored = image.stored(&file, e).unwrap();
+            let mut out = vec![0u8; e.volume_len as usize];
+            match e.kind {
+                ChunkKind::Raw => {
+                    assert_eq!(check_raw_authenticated(e, stored), Ok(true));
+                }
+                _ => {
+                    assert_eq!(check_raw_authenticated(e, stored), Ok(false));
+                    decode_chunk_into_authenticated(&image.header, e, stored, &mut out).unwrap();
+                    assert_eq!(out, decode_chunk(&image.header, e, stored).unwrap());
+                }
+            }
+        }
+        // A flipped bit still fails the SHA-1, on both paths.
+        let e = image.chunks.iter().find(|e| !e.is_zero()).unwrap().clone();
+        file[(e.stored_offset + u64::from(e.stored_len) / 2) as usize] ^= 0x10;
+        let stored = image.stored(&file, &e).unwrap();
+        let mut out = vec![0u8; e.volume_len as usize];
+        let err = match e.kind {
+            ChunkKind::Raw => check_raw_authenticated(&e, stored).unwrap_err(),
+            _ => decode_chunk_into_authenticated(&image.header, &e, stored, &mut out).unwrap_err(),
+        };
+        assert_eq!(err, ChunkError::StoredSha1 { index: e.index });
+    }
+}
+
+#[test]
 fn sha256_catches_what_sha1_would_not() {
     // Swap a raw chunk's bytes and fix both SHA-1s in the table (as a SHA-1
     // collision would): the SHA-256 of the volume bytes still fails.
