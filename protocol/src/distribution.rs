@@ -316,13 +316,13 @@ fn frame(body: Vec<u8>, max: usize) -> Result<Vec<u8>, DistributionError> {
     Ok(out)
 }
 
-/// Reassembles frames of at most `max` body bytes from a byte stream. An
+/// Reassembles frames of at most `max` body bytes from a byte stream
+/// ([`crate::frame::Decoder`] with this protocol's limits and errors). An
 /// empty or oversized frame poisons it: the caller closes the connection.
 #[derive(Debug)]
 pub struct Decoder {
     max: usize,
-    buf: Vec<u8>,
-    failed: Option<DistributionError>,
+    inner: crate::frame::Decoder,
 }
 
 impl Decoder {
@@ -339,51 +339,27 @@ impl Decoder {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            buf: Vec::new(),
-            failed: None,
+            inner: crate::frame::Decoder::with_limit(max),
         }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.inner.push(bytes);
     }
 
     /// The next whole frame body, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, DistributionError> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
-        if self.buf.len() < HEADER {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        let err = match len {
-            0 => Some(DistributionError::Empty),
-            n if n > self.max => Some(DistributionError::Oversized {
-                len: n,
-                max: self.max,
-            }),
-            _ => None,
-        };
-        if let Some(e) = err {
-            self.failed = Some(e.clone());
-            self.buf = Vec::new();
-            return Err(e);
-        }
-        if self.buf.len() < HEADER + len {
-            // Grow once to the whole frame rather than doubling up to it.
-            self.buf.reserve(HEADER + len - self.buf.len());
-            return Ok(None);
-        }
-        let rest = self.buf.split_off(HEADER + len);
-        let mut frame = std::mem::replace(&mut self.buf, rest);
-        frame.drain(..HEADER);
-        Ok(Some(frame))
+        self.inner.next_frame().map_err(|e| match e {
+            crate::frame::FrameError::Empty => DistributionError::Empty,
+            crate::frame::FrameError::Oversized(len) => {
+                DistributionError::Oversized { len, max: self.max }
+            }
+        })
     }
 
     /// Bytes held that are not yet a whole frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.inner.pending()
     }
 }
 

@@ -40,16 +40,34 @@ pub fn to_vec(body: &[u8]) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Reassembles frames from a byte stream. Holds at most one partial frame
-/// (`HEADER + MAX_FRAME` bytes) plus whatever one `push` added.
-#[derive(Debug, Default)]
+/// (`HEADER` plus the limit, [`MAX_FRAME`] unless [`Decoder::with_limit`]
+/// says otherwise) plus whatever one `push` added.
+#[derive(Debug)]
 pub struct Decoder {
+    max: usize,
     buf: Vec<u8>,
     failed: Option<FrameError>,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME)
+    }
 }
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder for frames of at most `max` body bytes (longer ones are
+    /// [`FrameError::Oversized`]).
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            max,
+            buf: Vec::new(),
+            failed: None,
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -68,20 +86,24 @@ impl Decoder {
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
         let err = match len {
             0 => Some(FrameError::Empty),
-            n if n > MAX_FRAME => Some(FrameError::Oversized(n)),
+            n if n > self.max => Some(FrameError::Oversized(n)),
             _ => None,
         };
         if let Some(e) = err {
             self.failed = Some(e.clone());
-            self.buf.clear();
+            self.buf = Vec::new();
             return Err(e);
         }
         if self.buf.len() < HEADER + len {
+            // Grow once to the whole frame rather than doubling up to it.
+            self.buf.reserve(HEADER + len - self.buf.len());
             return Ok(None);
         }
-        let body = self.buf[HEADER..HEADER + len].to_vec();
-        self.buf.drain(..HEADER + len);
-        Ok(Some(body))
+        // The frame keeps the buffer; only what follows it is copied.
+        let rest = self.buf.split_off(HEADER + len);
+        let mut frame = std::mem::replace(&mut self.buf, rest);
+        frame.drain(..HEADER);
+        Ok(Some(frame))
     }
 
     /// Bytes held that are not yet a whole frame.

@@ -82,19 +82,25 @@ fn qemu_two_agents_register_and_run_echo_then_poweroff() {
     assert!(!shown.contains("failed"), "{shown}");
 }
 
-#[test]
-fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
-    require_program("qemu-system-x86_64", "qemu-system-x86");
-    let work = tempfile::tempdir().unwrap();
-    let source = shoal_tests::labimage::build(work.path(), 48);
-    let mut lan = Lan::new();
-    let net = format!("10.88.{}", lan.subnet);
-    let _dhcp = lan.start_dhcp();
+/// A LAN with DHCP and a Controller whose store holds the lab image as
+/// `lab/ext4` (built under `work`; its path is returned).
+fn lab_with_image(
+    work: &std::path::Path,
+) -> (
+    Lan,
+    shoal_tests::netns::Dnsmasq,
+    tempfile::TempDir,
+    Controller,
+    std::path::PathBuf,
+) {
+    let source = shoal_tests::labimage::build(work, 48);
+    let lan = Lan::new();
+    let dhcp = lan.start_dhcp();
     let state = tempfile::tempdir().unwrap();
     let ctl = Controller::start(
         state.path(),
         Some(&lan.ns),
-        &format!("{net}.1:7000"),
+        &format!("{}:7000", lan.gateway()),
         7100,
         &[],
     );
@@ -110,6 +116,14 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
         "fast",
     ]);
     eprintln!("{added}");
+    (lan, dhcp, state, ctl, source)
+}
+
+#[test]
+fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
+    require_program("qemu-system-x86_64", "qemu-system-x86");
+    let work = tempfile::tempdir().unwrap();
+    let (mut lan, _dhcp, _state, ctl, source) = lab_with_image(work.path());
 
     // Two blank disks: only the 64 MiB one can hold the 48 MiB image, so
     // `auto` has exactly one candidate.
@@ -194,29 +208,7 @@ fn qemu_deploys_the_lab_image_to_its_virtio_disk() {
 fn qemu_three_vms_deploy_one_image_in_one_multicast_session() {
     require_program("qemu-system-x86_64", "qemu-system-x86");
     let work = tempfile::tempdir().unwrap();
-    let source = shoal_tests::labimage::build(work.path(), 48);
-    let mut lan = Lan::new();
-    let net = format!("10.88.{}", lan.subnet);
-    let _dhcp = lan.start_dhcp();
-    let state = tempfile::tempdir().unwrap();
-    let ctl = Controller::start(
-        state.path(),
-        Some(&lan.ns),
-        &format!("{net}.1:7000"),
-        7100,
-        &[],
-    );
-    ctl.ctl_ok(&["image", "group", "create", "lab"]);
-    ctl.ctl_ok(&[
-        "image",
-        "add",
-        "lab",
-        source.to_str().unwrap(),
-        "--name",
-        "ext4",
-        "--compression",
-        "fast",
-    ]);
+    let (mut lan, _dhcp, _state, ctl, source) = lab_with_image(work.path());
     let mut vms = Vec::new();
     let mut disks = Vec::new();
     for i in 1..=3u8 {

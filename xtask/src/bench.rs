@@ -282,31 +282,23 @@ fn bench_dir() -> anyhow::Result<std::path::PathBuf> {
 /// Writes (or reuses) a deterministic `size_mib` MiB source image: 8 MiB
 /// segments cycling random bytes, log-like text, and zeros.
 fn deploy_source(path: &std::path::Path, size_mib: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == size_mib * MIB) {
-        return Ok(());
-    }
-    let tmp = path.with_extension("partial");
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut line_no: u64 = 0;
-    let mut block = vec![0u8; MIB as usize];
     let mut text = String::new();
-    for mib in 0..size_mib {
-        match (mib / 8) % 3 {
-            0 => {
-                for w in block.chunks_exact_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    w.copy_from_slice(&x.to_le_bytes());
-                }
+    write_source(path, size_mib, |mib, block| match (mib / 8) % 3 {
+        0 => {
+            for w in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
             }
-            1 => {
-                text.clear();
-                while text.len() < block.len() {
-                    line_no += 1;
-                    text.push_str(&format!(
+        }
+        1 => {
+            text.clear();
+            while text.len() < block.len() {
+                line_no += 1;
+                text.push_str(&format!(
                         "2026-04-20 10:{:02}:{:02} host-{:04} kernel: [{:>8}.{:03}] eth0: link up, 1000 Mbps full duplex, seq {line_no}\n",
                         (line_no / 60) % 60,
                         line_no % 60,
@@ -314,12 +306,31 @@ fn deploy_source(path: &std::path::Path, size_mib: u64) -> anyhow::Result<()> {
                         line_no / 7,
                         line_no % 1000
                     ));
-                }
-                let n = block.len();
-                block.copy_from_slice(&text.as_bytes()[..n]);
             }
-            _ => block.fill(0),
+            let n = block.len();
+            block.copy_from_slice(&text.as_bytes()[..n]);
         }
+        _ => block.fill(0),
+    })
+}
+
+/// Writes `size_mib` MiB to `path`, each MiB filled by `fill(index, block)`,
+/// through a temporary file renamed into place; a file of the right size
+/// already there is reused.
+fn write_source(
+    path: &std::path::Path,
+    size_mib: u64,
+    mut fill: impl FnMut(u64, &mut [u8]),
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size_mib * MIB) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("partial");
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
+    let mut block = vec![0u8; MIB as usize];
+    for mib in 0..size_mib {
+        fill(mib, &mut block);
         out.write_all(&block)?;
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -683,26 +694,15 @@ fn deploy(args: &BenchArgs) -> anyhow::Result<()> {
 /// Writes (or reuses) `size_mib` MiB of xorshift bytes: nothing for a
 /// compressor to gain, nothing a zero-skipping sender could leave out.
 fn random_source(path: &std::path::Path, size_mib: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == size_mib * MIB) {
-        return Ok(());
-    }
-    let tmp = path.with_extension("partial");
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut block = vec![0u8; MIB as usize];
-    for _ in 0..size_mib {
+    write_source(path, size_mib, |_, block| {
         for w in block.chunks_exact_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             w.copy_from_slice(&x.to_le_bytes());
         }
-        out.write_all(&block)?;
-    }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    })
 }
 
 /// `/sys/class/net/DEV/statistics/tx_bytes` as seen inside `ns`.

@@ -225,9 +225,9 @@ fn join(
     };
     let local = multicast::local_address(sender)
         .map_err(|e| format!("no route to multicast sender {sender}: {e}"))?;
-    let (socket, buffer, gro) = multicast::open_socket(&cfg, local)
+    let (socket, buffer) = multicast::open_socket(&cfg, local)
         .map_err(|e| format!("joining multicast group {group} on {local}: {e}"))?;
-    log::debug!("multicast socket: {buffer} bytes of buffer, GRO {gro}");
+    log::debug!("multicast socket: {buffer} bytes of buffer");
     let rx = multicast::receiver(&cfg, image, written);
     Ok((cfg, socket, rx))
 }

@@ -4,8 +4,8 @@
 //! is missing to the sender. `shoal_protocol::multicast::Receiver` is the
 //! state machine; this is its I/O.
 //!
-//! This thread receives (a 16 MiB socket buffer) and opens datagrams
-//! (authenticates, decrypts) outside the receiver's lock; workers (one per core, up to three) verify each chunk
+//! This thread receives (`recvmmsg` batches, a 16 MiB socket buffer),
+//! authenticates and decrypts; workers (one per core, up to three) verify each chunk
 //! against the table (SHA-1 under ChaCha20-Poly1305, SHA-1 and SHA-256
 //! under RC4), decompress and write with `O_DIRECT`, in whatever order
 //! chunks complete. Memory is bounded by the receiver's chunk buffers. The multicast phase ends when every data chunk is
@@ -25,12 +25,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use nix::sys::socket::{self as sock, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{self as sock, sockopt, MsgFlags, SockaddrIn};
 use shoal_protocol::image::{
     check_raw_authenticated, decode_chunk_into, decode_chunk_into_authenticated, Image,
 };
 use shoal_protocol::multicast::{
-    completion_digest, Cipher, Event, Geometry, Opener, Receiver, ReceiverConfig, ReceiverStats,
+    completion_digest, Cipher, Event, Geometry, Receiver, ReceiverConfig, ReceiverStats,
 };
 
 use super::{DeployError, Meter, Progress};
@@ -78,7 +78,7 @@ enum Written_ {
 
 /// The socket: bound to the group's port on every address (acks come to
 /// it by unicast), member of the group on the interface at `local`.
-pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket, usize, bool)> {
+pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket, usize)> {
     let fd = sock::socket(
         sock::AddressFamily::Inet,
         sock::SockType::Datagram,
@@ -91,16 +91,13 @@ pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket,
         let _ = sock::setsockopt(&fd, sockopt::RcvBuf, &want);
     }
     let buffer = sock::getsockopt(&fd, sockopt::RcvBuf).unwrap_or(0);
-    // UDP GRO is left off: on veth it made receiving several times slower
-    // here (the recv path still splits coalesced buffers if a kernel sends
-    // them).
-    let gro = false;
+    // UDP GRO stays off: on veth it made receiving several times slower.
     let any = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.group.port()));
     sock::bind(fd.as_raw_fd(), &any)?;
     let s = UdpSocket::from(fd);
     s.join_multicast_v4(cfg.group.ip(), &local)?;
     s.set_read_timeout(Some(Duration::from_millis(5)))?;
-    Ok((s, buffer, gro))
+    Ok((s, buffer))
 }
 
 /// The address of the interface that reaches `sender`.
@@ -128,9 +125,6 @@ pub fn receive<F: FnMut(Progress)>(
 ) -> Result<McastSummary, DeployError> {
     let start = Instant::now();
     let mut summary = McastSummary::default();
-    let opener = rx.opener();
-    let rxm = Mutex::new(&mut *rx);
-    let ready: Mutex<VecDeque<(u32, Vec<u8>)>> = Mutex::new(VecDeque::new());
     // Verification (two hashes per byte) is the heaviest per-byte work:
     // one worker per core, up to three; writes take turns on the disk.
     let workers = std::thread::available_parallelism()
@@ -215,9 +209,7 @@ pub fn receive<F: FnMut(Progress)>(
         let r = pump(
             cfg,
             socket,
-            &opener,
-            &rxm,
-            &ready,
+            rx,
             image,
             &to_disk,
             &done_rx,
@@ -239,19 +231,11 @@ pub fn receive<F: FnMut(Progress)>(
         }
         // Apply what the workers finished after the pump stopped.
         for d in done_rx.try_iter() {
-            apply(
-                &mut lock(&rxm),
-                d,
-                image,
-                meter,
-                &mut summary,
-                &mut HashMap::new(),
-            );
+            apply(rx, d, image, meter, &mut summary, &mut HashMap::new());
         }
         w.and(r)
     });
     fatal?;
-    let rx = rxm.into_inner().unwrap_or_else(|p| p.into_inner());
     summary.stats = rx.stats();
     summary.elapsed = start.elapsed();
     Ok(summary)
@@ -281,43 +265,23 @@ fn apply<F: FnMut(Progress)>(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Chunks assembled and waiting for a free worker.
+type Ready = VecDeque<(u32, Vec<u8>)>;
 
-type Ready = Mutex<VecDeque<(u32, Vec<u8>)>>;
-
-/// One `recvmmsg`, then each datagram opened (authenticated, decrypted)
-/// outside the lock and all taken in under one; false when nothing came.
+/// One `recvmmsg` and each datagram taken in; false when nothing came.
 fn receive_once(
     socket: &UdpSocket,
-    opener: &Opener,
-    rxm: &Mutex<&mut Receiver>,
-    ready: &Ready,
+    rx: &mut Receiver,
+    ready: &mut Ready,
     batch: &mut Batch,
 ) -> bool {
     match batch.receive(socket) {
         Ok(_) => {
             let now = Instant::now();
-            let Batch { bufs, lens, .. } = batch;
-            let opened: Vec<_> = bufs
-                .iter_mut()
-                .zip(lens.iter())
-                .map(|(b, &n)| opener.open(&mut b[..n]))
-                .collect();
-            let mut done = Vec::new();
-            {
-                let mut rx = lock(rxm);
-                for ((b, &n), o) in bufs.iter().zip(lens.iter()).zip(opened) {
-                    match o.and_then(|h| rx.accept(now, &h, &b[..n])) {
-                        Ok(Event::Complete { chunk, stored }) => done.push((chunk, stored)),
-                        Ok(_) => {}
-                        Err(e) => rx.count(e),
-                    }
+            for (b, &n) in batch.bufs.iter_mut().zip(&batch.lens) {
+                if let Ok(Event::Complete { chunk, stored }) = rx.on_datagram(now, &mut b[..n]) {
+                    ready.push_back((chunk, stored));
                 }
-            }
-            if !done.is_empty() {
-                lock(ready).extend(done);
             }
             true
         }
@@ -341,9 +305,7 @@ fn receive_once(
 fn pump<F: FnMut(Progress)>(
     cfg: &McastConfig,
     socket: &UdpSocket,
-    opener: &Opener,
-    rxm: &Mutex<&mut Receiver>,
-    ready: &Ready,
+    rx: &mut Receiver,
     image: &Image,
     to_disk: &mpsc::SyncSender<(u32, Vec<u8>)>,
     done: &mpsc::Receiver<Written_>,
@@ -354,6 +316,7 @@ fn pump<F: FnMut(Progress)>(
 ) -> Result<(), DeployError> {
     let start = Instant::now();
     let mut fails: HashMap<u32, u32> = HashMap::new();
+    let mut ready = Ready::new();
     let mut batch = Batch::new(cfg.payload + 64);
     let mut was_busy = false;
     let mut last_log = start;
@@ -367,38 +330,25 @@ fn pump<F: FnMut(Progress)>(
             return Ok(());
         }
         for d in done.try_iter() {
-            apply(&mut lock(rxm), d, image, meter, summary, &mut fails);
+            apply(rx, d, image, meter, summary, &mut fails);
         }
-        {
-            let mut q = lock(ready);
-            while let Some(item) = q.pop_front() {
-                match to_disk.try_send(item) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(item)) => {
-                        q.push_front(item);
-                        break;
-                    }
-                    Err(TrySendError::Disconnected(_)) => return Ok(()),
+        while let Some(item) = ready.pop_front() {
+            match to_disk.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    ready.push_front(item);
+                    break;
                 }
+                Err(TrySendError::Disconnected(_)) => return Ok(()),
             }
         }
         let now = Instant::now();
-        let (complete, busy, idle, last_data, handed, missing) = {
-            let rx = lock(rxm);
-            (
-                rx.complete(),
-                rx.busy(),
-                rx.stream_idle(now),
-                rx.last_data(),
-                rx.handed(),
-                rx.missing().len(),
-            )
-        };
-        if complete {
+        if rx.complete() {
             return Ok(());
         }
-        was_busy |= busy;
-        let reason = match last_data {
+        let (idle, handed, missing) = (rx.stream_idle(now), rx.handed(), rx.missing().len());
+        was_busy |= rx.busy();
+        let reason = match rx.last_data() {
             None if now.duration_since(start) > cfg.first_data_within => Some(format!(
                 "no multicast data within {} s",
                 cfg.first_data_within.as_secs()
@@ -425,21 +375,20 @@ fn pump<F: FnMut(Progress)>(
             _ => None,
         };
         if let Some(r) = reason {
-            if lock(ready).is_empty() && handed == 0 {
+            if ready.is_empty() && handed == 0 {
                 info!("multicast: {r}");
                 summary.fell_back = Some(r);
                 return Ok(());
             }
         }
-        let report = lock(rxm).poll(now);
-        if let Some(report) = report {
+        if let Some(report) = rx.poll(now) {
             if let Err(e) = socket.send_to(&report, cfg.sender) {
                 debug!("multicast: report to {}: {e}", cfg.sender);
             }
         }
         if now.duration_since(last_log) >= Duration::from_secs(5) {
             last_log = now;
-            let s = lock(rxm).stats();
+            let s = rx.stats();
             debug!(
                 "multicast: {} chunks written, {missing} missing, received {}, lost {}, forged {}, skipped {}",
                 s.chunks_done, s.received, s.lost, s.forged, s.skipped
@@ -447,7 +396,7 @@ fn pump<F: FnMut(Progress)>(
         }
         // Receive what is there (bounded per turn, so reports still go).
         for _ in 0..4 {
-            if !receive_once(socket, opener, rxm, ready, &mut batch) {
+            if !receive_once(socket, rx, &mut ready, &mut batch) {
                 break;
             }
         }
@@ -495,32 +444,10 @@ impl Batch {
     }
 }
 
-/// One `recvmsg`: bytes read and the GRO segment size (0: one datagram).
-fn recv_gro(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize)> {
-    let mut cmsg = nix::cmsg_space!(i32);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = sock::recvmsg::<SockaddrIn>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .map_err(io::Error::from)?;
-    let mut seg = 0;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::UdpGroSegments(s) = c {
-                seg = s as usize;
-            }
-        }
-    }
-    Ok((msg.bytes, seg))
-}
-
 /// Tells the sender we are done and waits (bounded) for its verdict.
 pub fn confirm(cfg: &McastConfig, socket: &UdpSocket, rx: &mut Receiver) -> Option<bool> {
     let deadline = Instant::now() + CONFIRM_WAIT;
-    let mut buf = vec![0u8; 65536];
+    let mut batch = Batch::new(cfg.payload + 64);
     while Instant::now() < deadline {
         if let Some(v) = rx.confirmed() {
             return Some(v);
@@ -528,15 +455,8 @@ pub fn confirm(cfg: &McastConfig, socket: &UdpSocket, rx: &mut Receiver) -> Opti
         if let Some(report) = rx.poll(Instant::now()) {
             let _ = socket.send_to(&report, cfg.sender);
         }
-        if let Ok((n, seg)) = recv_gro(socket, &mut buf) {
-            let seg = if seg == 0 { n } else { seg };
-            let mut off = 0;
-            while off < n {
-                let end = (off + seg).min(n);
-                let _ = rx.on_datagram(Instant::now(), &mut buf[off..end]);
-                off = end;
-            }
-        }
+        // Every chunk is written: nothing can complete, only the ack come.
+        receive_once(socket, rx, &mut Ready::new(), &mut batch);
     }
     rx.confirmed()
 }

@@ -226,10 +226,6 @@ impl Multicast {
         }
     }
 
-    pub fn config(&self) -> &MulticastConfig {
-        &self.cfg
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -374,7 +370,15 @@ impl Multicast {
             o.cipher.as_str(),
             max_rate.map_or(String::new(), |r| format!(", at most {:.0} MB/s", r / 1e6))
         );
+        let data_bytes = join
+            .image
+            .chunks
+            .iter()
+            .filter(|e| !e.is_zero())
+            .map(|e| u64::from(e.volume_len))
+            .sum();
         let run = Run {
+            data_bytes,
             session: session.clone(),
             socket,
             state,
@@ -433,6 +437,8 @@ struct Run {
     min: u32,
     wait: Duration,
     expires: Instant,
+    /// Volume bytes of the data chunks (for receivers' ETA).
+    data_bytes: u64,
 }
 
 impl Run {
@@ -666,14 +672,7 @@ impl Run {
     fn publish(&self, created: Instant, started: Option<Instant>, state: &str) {
         let now = Instant::now();
         let s = self.state.stats();
-        let total = self.image.header.metadata.source_size;
-        let data_bytes: u64 = self
-            .image
-            .chunks
-            .iter()
-            .filter(|e| !e.is_zero())
-            .map(|e| u64::from(e.volume_len))
-            .sum();
+        let data_bytes = self.data_bytes;
         let mut st = self.session.lock();
         let members = st.members.clone();
         let devices = st.devices.clone();
@@ -731,6 +730,5 @@ impl Run {
                 }
             })
             .collect();
-        let _ = total;
     }
 }

@@ -18,7 +18,7 @@ pub mod wire;
 #[cfg(test)]
 mod sim;
 
-pub use receiver::{Event, Opener, Receiver, ReceiverConfig};
+pub use receiver::{Event, Receiver, ReceiverConfig};
 pub use sender::{ReceiverView, Sender, SenderConfig, SenderStats};
 pub use wire::{completion_digest, payload_for_mtu, Cipher, Drop, ReceiverStats};
 

@@ -10,7 +10,6 @@
 //! once the stream is idle, for whole chunks never seen (a late joiner).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::blocks::BlockSet;
@@ -77,23 +76,10 @@ pub enum Event {
     Ack(Ack),
 }
 
-/// The stateless half of a receiver: checks, authenticates and decrypts
-/// datagrams. Cheap to clone, so several threads can open datagrams at once
-/// and take turns to [`Receiver::accept`] them.
-#[derive(Debug, Clone)]
-pub struct Opener {
-    session: u64,
-    receiver: u32,
-    cipher: Cipher,
-    keys: Arc<Keys>,
-    geo: Arc<Geometry>,
-}
-
 #[derive(Debug)]
 pub struct Receiver {
     cfg: ReceiverConfig,
-    keys: Arc<Keys>,
-    opener: Opener,
+    keys: Keys,
     geo: Geometry,
     slots: Vec<Slot>,
     partials: HashMap<u32, Partial>,
@@ -111,49 +97,6 @@ pub struct Receiver {
     confirmed: Option<bool>,
 }
 
-impl Opener {
-    /// Checks a datagram and authenticates and decrypts it in place,
-    /// without touching the receiver's state.
-    pub fn open(&self, d: &mut [u8]) -> Result<Header, Drop> {
-        let h = Header::parse(d)?;
-        if h.session != self.session {
-            return Err(Drop::OtherSession);
-        }
-        match h.kind {
-            Kind::Data => {}
-            Kind::Ack if h.a == self.receiver => {
-                if d.len() < HEADER_LEN + TAG_LEN {
-                    return Err(Drop::Malformed);
-                }
-                let end = d.len() - TAG_LEN;
-                let (head, rest) = d.split_at_mut(HEADER_LEN);
-                let (payload, t) = rest.split_at_mut(end - HEADER_LEN);
-                self.keys.open(&h, NONCE_ACK, head, payload, t)?;
-                return Ok(h);
-            }
-            Kind::Ack => return Err(Drop::OtherSession),
-            Kind::Report => return Err(Drop::Unexpected),
-        }
-        let (chunk, block) = (h.a, h.b);
-        let tag = self.cipher.data_tag_len();
-        if chunk as usize >= self.geo.chunks() || block >= self.geo.blocks(chunk) {
-            return Err(Drop::Impossible);
-        }
-        let range = self.geo.block_range(chunk, block);
-        if d.len() != HEADER_LEN + range.len() + tag {
-            return Err(Drop::Impossible);
-        }
-        if self.cipher.is_aead() {
-            // Authenticate everything, duplicates too, so forgeries are
-            // counted and never touch a chunk buffer.
-            let (head, rest) = d.split_at_mut(HEADER_LEN);
-            let (payload, t) = rest.split_at_mut(range.len());
-            self.keys.open(&h, NONCE_DATA, head, payload, t)?;
-        }
-        Ok(h)
-    }
-}
-
 impl Receiver {
     /// A receiver for `geo`; chunks for which `already(index)` is true are
     /// on the disk already (a resumed deploy) and never asked for.
@@ -167,17 +110,8 @@ impl Receiver {
                 }
             })
             .collect();
-        let keys = Arc::new(Keys::new(&cfg.key, cfg.cipher));
-        let opener = Opener {
-            session: cfg.session,
-            receiver: cfg.receiver,
-            cipher: cfg.cipher,
-            keys: keys.clone(),
-            geo: Arc::new(geo.clone()),
-        };
         Receiver {
-            keys,
-            opener,
+            keys: Keys::new(&cfg.key, cfg.cipher),
             cfg,
             geo,
             slots,
@@ -206,9 +140,8 @@ impl Receiver {
         r
     }
 
-    /// Counts a dropped datagram in the statistics (for drops from
-    /// [`Receiver::open`] called outside [`Receiver::on_datagram`]).
-    pub fn count(&mut self, e: Drop) {
+    /// Counts a dropped datagram in the statistics.
+    fn count(&mut self, e: Drop) {
         match e {
             Drop::Forged | Drop::Impossible | Drop::Malformed | Drop::Unexpected => {
                 self.stats.forged += 1
@@ -219,18 +152,49 @@ impl Receiver {
         }
     }
 
-    /// [`Opener::open`] with this receiver's opener.
-    pub fn open(&self, d: &mut [u8]) -> Result<Header, Drop> {
-        self.opener.open(d)
-    }
-
-    /// A handle that opens datagrams for this receiver from another thread.
-    pub fn opener(&self) -> Opener {
-        self.opener.clone()
+    /// Checks a datagram and authenticates and decrypts it in place,
+    /// without touching the receiver's state.
+    fn open(&self, d: &mut [u8]) -> Result<Header, Drop> {
+        let h = Header::parse(d)?;
+        if h.session != self.cfg.session {
+            return Err(Drop::OtherSession);
+        }
+        match h.kind {
+            Kind::Data => {}
+            Kind::Ack if h.a == self.cfg.receiver => {
+                if d.len() < HEADER_LEN + TAG_LEN {
+                    return Err(Drop::Malformed);
+                }
+                let end = d.len() - TAG_LEN;
+                let (head, rest) = d.split_at_mut(HEADER_LEN);
+                let (payload, t) = rest.split_at_mut(end - HEADER_LEN);
+                self.keys.open(&h, NONCE_ACK, head, payload, t)?;
+                return Ok(h);
+            }
+            Kind::Ack => return Err(Drop::OtherSession),
+            Kind::Report => return Err(Drop::Unexpected),
+        }
+        let (chunk, block) = (h.a, h.b);
+        let tag = self.cfg.cipher.data_tag_len();
+        if chunk as usize >= self.geo.chunks() || block >= self.geo.blocks(chunk) {
+            return Err(Drop::Impossible);
+        }
+        let range = self.geo.block_range(chunk, block);
+        if d.len() != HEADER_LEN + range.len() + tag {
+            return Err(Drop::Impossible);
+        }
+        if self.cfg.cipher.is_aead() {
+            // Authenticate everything, duplicates too, so forgeries are
+            // counted and never touch a chunk buffer.
+            let (head, rest) = d.split_at_mut(HEADER_LEN);
+            let (payload, t) = rest.split_at_mut(range.len());
+            self.keys.open(&h, NONCE_DATA, head, payload, t)?;
+        }
+        Ok(h)
     }
 
     /// Takes in a datagram [`Receiver::open`] accepted (`d` as it left it).
-    pub fn accept(&mut self, now: Instant, h: &Header, d: &[u8]) -> Result<Event, Drop> {
+    fn accept(&mut self, now: Instant, h: &Header, d: &[u8]) -> Result<Event, Drop> {
         if h.kind == Kind::Ack {
             let body = &d[HEADER_LEN..d.len().saturating_sub(TAG_LEN)];
             let ack: Ack = postcard::from_bytes(body).map_err(|_| Drop::Malformed)?;

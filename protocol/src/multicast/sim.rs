@@ -402,6 +402,23 @@ fn a_slow_disk_does_not_hold_back_the_others() {
     assert!(stats[2].skipped > 0, "{:?}", stats[2]);
 }
 
+/// Receiver 5 of session 1 (key `[2; 32]`), nothing on its disk yet.
+fn lone_receiver(geo: Geometry) -> Receiver {
+    Receiver::new(
+        ReceiverConfig {
+            session: 1,
+            key: [2; 32],
+            cipher: Cipher::ChaCha20Poly1305,
+            receiver: 5,
+            payload: PAYLOAD,
+            max_partials: 4,
+            digest: [0; 32],
+        },
+        geo,
+        |_| false,
+    )
+}
+
 #[test]
 fn reports_from_another_session_or_forged_are_refused() {
     let geo = Geometry::new(PAYLOAD, [(5000, 5000)]);
@@ -414,19 +431,7 @@ fn reports_from_another_session_or_forged_are_refused() {
         digest: [0; 32],
     };
     let mut tx = Sender::new(cfg(1), geo.clone());
-    let mut rx = Receiver::new(
-        ReceiverConfig {
-            session: 1,
-            key: [2; 32],
-            cipher: Cipher::ChaCha20Poly1305,
-            receiver: 5,
-            payload: PAYLOAD,
-            max_partials: 4,
-            digest: [0; 32],
-        },
-        geo,
-        |_| false,
-    );
+    let mut rx = lone_receiver(geo);
     let now = Instant::now();
     let mut r = rx.poll(now).unwrap();
     assert_eq!(tx.on_report(now, &mut r).unwrap_err(), Drop::Forged);
@@ -443,19 +448,7 @@ fn reports_from_another_session_or_forged_are_refused() {
 #[test]
 fn impossible_indices_are_dropped() {
     let geo = Geometry::new(PAYLOAD, [(5000, 5000), (0, 5000)]);
-    let mut rx = Receiver::new(
-        ReceiverConfig {
-            session: 1,
-            key: [2; 32],
-            cipher: Cipher::ChaCha20Poly1305,
-            receiver: 5,
-            payload: PAYLOAD,
-            max_partials: 4,
-            digest: [0; 32],
-        },
-        geo,
-        |_| false,
-    );
+    let mut rx = lone_receiver(geo);
     let now = Instant::now();
     for (chunk, block, len) in [(0, 5, 100), (1, 0, 100), (9, 0, 100), (0, 0, 10)] {
         let mut d = vec![0u8; HEADER_LEN + len];
