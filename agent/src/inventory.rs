@@ -84,7 +84,13 @@ fn cpus(sys: &Path, proc: &Path) -> Cpus {
                 .filter(|l| l.starts_with("processor"))
                 .count() as u32
         });
-    Cpus { count, model }
+    Cpus {
+        count,
+        model,
+        // What the CPU this binary runs on can do (not a file: the agent
+        // itself will run the cipher).
+        aes: shoal_protocol::multicast::hardware_aes(),
+    }
 }
 
 fn memory(proc: &Path) -> Option<u64> {

@@ -112,7 +112,7 @@ pub enum JobError {
     BadTimeout(u32),
     #[error("deploy step {0:?}: expected deploy:GROUP/NAME@DISK (DISK: auto, serial=S, wwn=W, name=N, path=P or file=F)")]
     BadDeploy(String),
-    #[error("deploy option {0:?}: expected mode=auto|multicast|unicast, cipher=chacha20poly1305|aes256gcm|rc4, min=N, wait=SECS or rate=MBPS")]
+    #[error("deploy option {0:?}: expected mode=auto|multicast|unicast, cipher=auto|chacha20poly1305|aes256gcm|rc4, min=N, wait=SECS or rate=MBPS")]
     BadDeployOption(String),
     #[error("a job needs at least one step")]
     NoSteps,
@@ -183,7 +183,12 @@ impl StepSpec {
                                 _ => return Err(bad()),
                             }
                         }
-                        "cipher" => multicast.cipher = Cipher::parse(v.trim()).ok_or_else(bad)?,
+                        "cipher" => {
+                            multicast.cipher = match v.trim() {
+                                "auto" => None,
+                                c => Some(Cipher::parse(c).ok_or_else(bad)?),
+                            }
+                        }
                         "min" => multicast.min = Some(num()?),
                         "wait" => multicast.wait_secs = Some(num()?),
                         "rate" => multicast.rate_mbps = Some(num()?),
@@ -369,7 +374,7 @@ mod tests {
                 disk: "serial=A".into(),
                 mode: DeployMode::Multicast,
                 multicast: StepOptions {
-                    cipher: Cipher::Rc4,
+                    cipher: Some(Cipher::Rc4),
                     min: Some(3),
                     wait_secs: Some(9),
                     rate_mbps: Some(50),

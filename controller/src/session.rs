@@ -766,11 +766,23 @@ impl Session {
         );
         let expires = std::time::Instant::now() + timeout;
         let (job, step) = (next.job as u64, next.step);
-        let devices = self
-            .db(move |db| db.job_devices(job as i64))
+        let (devices, devices_aes) = self
+            .db(move |db| {
+                let ids = db.job_devices(job as i64)?;
+                let mut aes = true;
+                for &id in &ids {
+                    aes &= db
+                        .device(id)?
+                        .and_then(|d| d.inventory)
+                        .and_then(|i| {
+                            serde_json::from_value::<shoal_protocol::inventory::Inventory>(i).ok()
+                        })
+                        .is_some_and(|i| i.cpus.aes);
+                }
+                Ok((ids.len(), aes))
+            })
             .await
-            .map_err(|e| format!("reading job {job}'s devices: {e}"))?
-            .len();
+            .map_err(|e| format!("reading job {job}'s devices: {e}"))?;
         let (member, offer) = if mode.multicast(devices) {
             let image_arc = std::sync::Arc::new(resolved.image.clone());
             let (m, o) = self.shared.multicast.join(Join {
@@ -778,6 +790,7 @@ impl Session {
                 step,
                 device: self.device,
                 devices: devices as u32,
+                devices_aes,
                 image_name: image,
                 path: resolved.path.clone(),
                 image: image_arc,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::{Inventory, MacAddr};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest plaintext message: a frame minus the AEAD tag.
 pub const MAX_MESSAGE: usize = crate::frame::MAX_FRAME - 16;
 /// Longest log line or step output an agent sends (longer text is cut).

@@ -35,6 +35,11 @@ pub struct Cpus {
     pub count: u32,
     /// `model name` of the first CPU, where `/proc/cpuinfo` says it.
     pub model: Option<String>,
+    /// AES and carry-less multiply instructions, as the agent found them
+    /// on the CPU it runs on: a multicast session's cipher is chosen on
+    /// this (`docs/multicast.md`).
+    #[serde(default)]
+    pub aes: bool,
 }
 
 /// A network interface with a hardware address (loopback and virtual

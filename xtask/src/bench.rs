@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// multicast: receiver counts to try.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub receivers: Vec<usize>,
+    /// multicast: Shoal's session ciphers to run, each against the same
+    /// udpcast runs (`auto` is the default a user gets).
+    #[arg(long, value_delimiter = ',', default_value = "auto,chacha20poly1305")]
+    pub ciphers: Vec<String>,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
@@ -1078,9 +1082,9 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
 /// The deploy step of the multicast bench: every agent's `vda` (a symlink
 /// to its own file in bench_dir), multicast, starting once `n` joined.
 /// SHOAL_BENCH_OPTIONS adds step options, e.g. `;cipher=aes256gcm`.
-fn multicast_step(n: usize) -> String {
+fn multicast_step(n: usize, cipher: &str) -> String {
     let extra = std::env::var("SHOAL_BENCH_OPTIONS").unwrap_or_default();
-    format!("deploy:bench/disk@name=vda;mode=multicast;min={n};wait=30{extra}")
+    format!("deploy:bench/disk@name=vda;mode=multicast;cipher={cipher};min={n};wait=30{extra}")
 }
 
 /// One `mode=multicast` job on the first `n` agents. An error is a failed
@@ -1091,6 +1095,7 @@ fn shoal_run(
     ctl: &shoal_tests::site::Controller,
     agents: &[(shoal_tests::proc::Proc, &shoal_tests::site::FakeMachine)],
     n: usize,
+    cipher: &str,
     src: &std::path::Path,
     outs: &[std::path::PathBuf],
     bytes: u64,
@@ -1110,7 +1115,7 @@ fn shoal_run(
     let c0 = cpu_seconds(cpid);
     let a0: Vec<f64> = apids.iter().map(|&p| cpu_seconds(p)).collect();
     let tx0 = tx_bytes(&lan.ns, "br0")?;
-    let step = multicast_step(n);
+    let step = multicast_step(n, cipher);
     let mut argv = vec!["jobs", "run"];
     for (_, m) in agents {
         argv.extend(["--device", m.uuid.as_str()]);
@@ -1278,9 +1283,8 @@ fn summarize(runs: &[McastRun]) -> Option<McastSummary> {
 struct McastAtN {
     n: usize,
     udp: Vec<McastRun>,
-    shoal: Vec<McastRun>,
-    /// Why the Shoal half stopped at this N.
-    shoal_err: Option<String>,
+    /// Per cipher (as `--ciphers`): its runs, and why they stopped.
+    shoal: Vec<(Vec<McastRun>, Option<String>)>,
 }
 
 fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
@@ -1391,14 +1395,26 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "  image bench/disk added (compression none) in {:.1} s; {pool} agents registered; step {}",
         t.elapsed().as_secs_f64(),
-        multicast_step(pool)
+        multicast_step(pool, "CIPHER")
+    );
+    let auto = shoal_protocol::multicast::Cipher::auto(
+        shoal_protocol::multicast::hardware_aes(),
+        shoal_protocol::multicast::hardware_aes(),
+    );
+    println!(
+        "  ciphers: {} (auto = {} on this machine: the Controller and every agent {} AES instructions)",
+        args.ciphers.join(", "),
+        auto.as_str(),
+        if shoal_protocol::multicast::hardware_aes() { "have" } else { "lack" }
     );
     let settle = Duration::from_secs(12).saturating_sub(querier_since.elapsed());
     std::thread::sleep(settle);
 
     let mut results: Vec<McastAtN> = Vec::new();
     for &n in &counts {
-        let (mut udp, mut shoal, mut shoal_err) = (Vec::new(), Vec::new(), None::<String>);
+        let mut udp = Vec::new();
+        let mut shoal: Vec<(Vec<McastRun>, Option<String>)> =
+            args.ciphers.iter().map(|_| (Vec::new(), None)).collect();
         for run in 1..=runs {
             let label = format!("N={n} run {run} udpcast");
             // SHOAL_BENCH_SKIP_ANCHOR=1: Shoal only (while tuning).
@@ -1410,41 +1426,39 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
             print_run(&label, &r, bytes, "sender exit");
             udp.push(r);
 
-            let label = format!("N={n} run {run} shoal  ");
-            if shoal_err.is_some() {
-                continue;
-            }
-            match shoal_run(
-                &lan,
-                &ctl,
-                &agents,
-                n,
-                &src,
-                &outs,
-                bytes,
-                limit + Duration::from_secs(30),
-                &label,
-            ) {
-                Ok(r) => {
-                    print_run(&label, &r, bytes, "controller's span");
-                    if n >= 2 && r.wire > 1.5 {
-                        println!("  !! {label}: {:.2} bytes on the wire per image byte for {n} receivers: that is not multicast", r.wire);
-                    }
-                    shoal.push(r);
+            for (cipher, (done, err)) in args.ciphers.iter().zip(shoal.iter_mut()) {
+                let label = format!("N={n} run {run} shoal {cipher}");
+                if err.is_some() {
+                    continue;
                 }
-                Err(e) => {
-                    println!("  !! {label}: FAILED: {e:#}");
-                    println!("     (no more Shoal runs at N={n})");
-                    shoal_err = Some(format!("{e:#}"));
+                match shoal_run(
+                    &lan,
+                    &ctl,
+                    &agents,
+                    n,
+                    cipher,
+                    &src,
+                    &outs,
+                    bytes,
+                    limit + Duration::from_secs(30),
+                    &label,
+                ) {
+                    Ok(r) => {
+                        print_run(&label, &r, bytes, "controller's span");
+                        if n >= 2 && r.wire > 1.5 {
+                            println!("  !! {label}: {:.2} bytes on the wire per image byte for {n} receivers: that is not multicast", r.wire);
+                        }
+                        done.push(r);
+                    }
+                    Err(e) => {
+                        println!("  !! {label}: FAILED: {e:#}");
+                        println!("     (no more Shoal {cipher} runs at N={n})");
+                        *err = Some(format!("{e:#}"));
+                    }
                 }
             }
         }
-        results.push(McastAtN {
-            n,
-            udp,
-            shoal,
-            shoal_err,
-        });
+        results.push(McastAtN { n, udp, shoal });
     }
     let _ = std::fs::write(logs.join("controller.log"), ctl.proc.log());
     for out in &outs {
@@ -1459,21 +1473,15 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
         "  wire = bytes sent by br0 per image byte; CPU in s (recv: mean per receiver); peak RSS in MiB (recv: largest receiver); bad = wrong files / failed exits over all runs"
     );
     let mut failures = Vec::new();
-    for McastAtN {
-        n,
-        udp,
-        shoal,
-        shoal_err,
-    } in &results
-    {
+    for McastAtN { n, udp, shoal } in &results {
         println!();
-        println!("  N = {n}       wall s     MB/s  disk MB/s  vs udpcast   wire   CPU send  CPU recv  RSS send  RSS recv    bad");
+        println!("  N = {n:<18} wall s     MB/s  disk MB/s  vs udpcast   wire   CPU send  CPU recv  RSS send  RSS recv    bad");
         let base = summarize(udp);
         let base_wall = base.as_ref().map_or(f64::NAN, |b| b.wall);
         let row = |what: &str, s: &McastSummary, wall: f64| {
             let rate = bytes as f64 / wall / 1e6;
             println!(
-                "  {what:<13} {wall:>6.2} {rate:>8.1} {:>10.1} {:>10.2}x {:>6.3} {:>10.2} {:>9.2} {:>9.1} {:>9.1} {:>3}/{}",
+                "  {what:<22} {wall:>6.2} {rate:>8.1} {:>10.1} {:>10.2}x {:>6.3} {:>10.2} {:>9.2} {:>9.1} {:>9.1} {:>3}/{}",
                 rate * *n as f64,
                 base_wall / wall,
                 s.wire,
@@ -1489,44 +1497,49 @@ fn multicast(args: &BenchArgs) -> anyhow::Result<()> {
             row("udpcast", b, b.wall);
             row("udpcast+sync", b, b.wall_sync);
         }
-        match (summarize(shoal), shoal_err) {
-            (Some(s), _) => {
-                row("shoal", &s, s.wall);
-                if s.runs < runs {
-                    println!("  (shoal: {} of {runs} runs)", s.runs);
-                }
-                if s.mismatches > 0 {
-                    failures.push(format!("N={n}: {} wrong files from Shoal", s.mismatches));
-                }
-            }
-            (None, _) => println!("  shoal         FAILED (see above)"),
-        }
-        if let Some(e) = shoal_err {
-            // The headline and its hint, not the job table and log.
-            let mut lines = e.lines();
-            let head = lines.next().unwrap_or_default().to_owned();
-            let hints: String = lines
-                .take_while(|l| l.starts_with("     ("))
-                .map(|l| format!("\n    {}", l.trim()))
-                .collect();
-            failures.push(format!("N={n}: {head}{hints}"));
-        }
         let raw = |v: &[McastRun], f: &dyn Fn(&McastRun) -> f64| {
             fmt_list(&v.iter().map(f).collect::<Vec<_>>(), 2)
         };
-        println!(
-            "  raw wall s: udpcast [{}], udpcast+sync [{}], udp-sender exit [{}], shoal [{}], shoal controller's span [{}]",
+        let mut raw_wall = format!(
+            "udpcast [{}], udpcast+sync [{}], udp-sender exit [{}]",
             raw(udp, &|r| r.wall),
             raw(udp, &|r| r.wall_sync),
-            raw(udp, &|r| r.other),
-            raw(shoal, &|r| r.wall),
-            raw(shoal, &|r| r.other)
+            raw(udp, &|r| r.other)
         );
-        println!(
-            "  raw wire B/B: udpcast [{}], shoal [{}]",
-            raw(udp, &|r| r.wire),
-            raw(shoal, &|r| r.wire)
-        );
+        let mut raw_wire = format!("udpcast [{}]", raw(udp, &|r| r.wire));
+        for (cipher, (runs_done, err)) in args.ciphers.iter().zip(shoal) {
+            let what = format!("shoal {cipher}");
+            match summarize(runs_done) {
+                Some(s) => {
+                    row(&what, &s, s.wall);
+                    if s.runs < runs {
+                        println!("  ({what}: {} of {runs} runs)", s.runs);
+                    }
+                    if s.mismatches > 0 {
+                        failures.push(format!("N={n}: {} wrong files from {what}", s.mismatches));
+                    }
+                }
+                None => println!("  {what:<22} FAILED (see above)"),
+            }
+            if let Some(e) = err {
+                // The headline and its hint, not the job table and log.
+                let mut lines = e.lines();
+                let head = lines.next().unwrap_or_default().to_owned();
+                let hints: String = lines
+                    .take_while(|l| l.starts_with("     ("))
+                    .map(|l| format!("\n    {}", l.trim()))
+                    .collect();
+                failures.push(format!("N={n} {what}: {head}{hints}"));
+            }
+            raw_wall.push_str(&format!(
+                ", {what} [{}], its controller's span [{}]",
+                raw(runs_done, &|r| r.wall),
+                raw(runs_done, &|r| r.other)
+            ));
+            raw_wire.push_str(&format!(", {what} [{}]", raw(runs_done, &|r| r.wire)));
+        }
+        println!("  raw wall s: {raw_wall}");
+        println!("  raw wire B/B: {raw_wire}");
         let udp_bad: usize = udp.iter().map(|r| r.mismatches).sum();
         if udp_bad > 0 {
             println!("  !! udpcast delivered {udp_bad} WRONG files at N={n} (see the runs above)");

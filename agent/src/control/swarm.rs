@@ -36,6 +36,7 @@ pub fn inventory(index: u32) -> Inventory {
         cpus: Cpus {
             count: 1,
             model: Some("synthetic".into()),
+            aes: false,
         },
         memory_bytes: Some(1 << 30),
         nics: vec![Nic {

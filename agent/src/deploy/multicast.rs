@@ -4,7 +4,8 @@
 //! is missing to the sender. `shoal_protocol::multicast::Receiver` is the
 //! state machine; this is its I/O.
 //!
-//! This thread receives (`recvmmsg` batches, a 16 MiB socket buffer),
+//! This thread receives (`recvmmsg` batches with UDP GRO, a 16 MiB socket
+//! buffer),
 //! authenticates and decrypts; workers (one per core, up to three) verify each chunk
 //! against the table (SHA-1 under ChaCha20-Poly1305, SHA-1 and SHA-256
 //! under RC4), decompress and write with `O_DIRECT`, in whatever order
@@ -78,6 +79,10 @@ enum Written_ {
 
 /// The socket: bound to the group's port on every address (acks come to
 /// it by unicast), member of the group on the interface at `local`.
+///
+/// UDP GRO is asked for: a run of datagrams from the sender then comes up in
+/// one read (a NIC's GRO, or a GSO batch that a veth passed on whole), which
+/// is most of the kernel's per-datagram cost saved.
 pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket, usize)> {
     let fd = sock::socket(
         sock::AddressFamily::Inet,
@@ -91,7 +96,9 @@ pub fn open_socket(cfg: &McastConfig, local: Ipv4Addr) -> io::Result<(UdpSocket,
         let _ = sock::setsockopt(&fd, sockopt::RcvBuf, &want);
     }
     let buffer = sock::getsockopt(&fd, sockopt::RcvBuf).unwrap_or(0);
-    // UDP GRO stays off: on veth it made receiving several times slower.
+    if let Err(e) = sock::setsockopt(&fd, sockopt::UdpGroSegment, &true) {
+        debug!("multicast: no UDP GRO ({e}): one datagram per read");
+    }
     let any = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.group.port()));
     sock::bind(fd.as_raw_fd(), &any)?;
     let s = UdpSocket::from(fd);
@@ -278,8 +285,8 @@ fn receive_once(
     match batch.receive(socket) {
         Ok(_) => {
             let now = Instant::now();
-            for (b, &n) in batch.bufs.iter_mut().zip(&batch.lens) {
-                if let Ok(Event::Complete { chunk, stored }) = rx.on_datagram(now, &mut b[..n]) {
+            for d in batch.datagrams() {
+                if let Ok(Event::Complete { chunk, stored }) = rx.on_datagram(now, d) {
                     ready.push_back((chunk, stored));
                 }
             }
@@ -317,7 +324,7 @@ fn pump<F: FnMut(Progress)>(
     let start = Instant::now();
     let mut fails: HashMap<u32, u32> = HashMap::new();
     let mut ready = Ready::new();
-    let mut batch = Batch::new(cfg.payload + 64);
+    let mut batch = Batch::new(socket, cfg.payload + 64);
     let mut was_busy = false;
     let mut last_log = start;
     loop {
@@ -403,27 +410,39 @@ fn pump<F: FnMut(Progress)>(
     }
 }
 
-/// Datagrams per `recvmmsg`.
+/// Reads per `recvmmsg`: datagrams without GRO, runs of them with it.
 const BATCH: usize = 32;
+const BATCH_GRO: usize = 16;
+/// The largest read GRO hands up (one UDP datagram's limit).
+const GRO_READ: usize = 65_536;
 
-/// Buffers for one `recvmmsg`.
+/// Buffers for one `recvmmsg`, and where in them each datagram lies.
 struct Batch {
     headers: sock::MultiHeaders<SockaddrIn>,
     bufs: Vec<Vec<u8>>,
-    lens: Vec<usize>,
+    /// Per buffer filled: bytes read and the size of each datagram in them
+    /// (the GRO segment size; the last may be shorter).
+    reads: Vec<(usize, usize)>,
 }
 
 impl Batch {
-    fn new(datagram: usize) -> Batch {
+    /// Sized for `socket`: big buffers when it has UDP GRO on.
+    fn new(socket: &UdpSocket, datagram: usize) -> Batch {
+        let gro = sock::getsockopt(socket, sockopt::UdpGroSegment).unwrap_or(false);
+        let (count, size, cmsg) = if gro {
+            (BATCH_GRO, GRO_READ, Some(nix::cmsg_space!(i32)))
+        } else {
+            (BATCH, datagram, None)
+        };
         Batch {
-            headers: sock::MultiHeaders::preallocate(BATCH, None),
-            bufs: vec![vec![0u8; datagram]; BATCH],
-            lens: Vec::with_capacity(BATCH),
+            headers: sock::MultiHeaders::preallocate(count, cmsg),
+            bufs: vec![vec![0u8; size]; count],
+            reads: Vec::with_capacity(count),
         }
     }
 
-    /// Up to [`BATCH`] datagrams in one system call (waiting, up to the
-    /// socket's timeout, for the first); their lengths go to `lens`.
+    /// Up to a batch of reads in one system call (waiting, up to the
+    /// socket's timeout, for the first).
     fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
             .bufs
@@ -438,16 +457,37 @@ impl Batch {
             None,
         )
         .map_err(io::Error::from)?;
-        self.lens.clear();
-        self.lens.extend(got.map(|m| m.bytes));
-        Ok(self.lens.len())
+        self.reads.clear();
+        for m in got {
+            let segment = m
+                .cmsgs()
+                .ok()
+                .and_then(|mut c| {
+                    c.find_map(|c| match c {
+                        sock::ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok(),
+                        _ => None,
+                    })
+                })
+                .filter(|&s| s > 0)
+                .unwrap_or(m.bytes);
+            self.reads.push((m.bytes, segment.max(1)));
+        }
+        Ok(self.reads.len())
+    }
+
+    /// Each datagram of the last [`Batch::receive`].
+    fn datagrams(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.bufs
+            .iter_mut()
+            .zip(&self.reads)
+            .flat_map(|(b, &(n, segment))| b[..n].chunks_mut(segment))
     }
 }
 
 /// Tells the sender we are done and waits (bounded) for its verdict.
 pub fn confirm(cfg: &McastConfig, socket: &UdpSocket, rx: &mut Receiver) -> Option<bool> {
     let deadline = Instant::now() + CONFIRM_WAIT;
-    let mut batch = Batch::new(cfg.payload + 64);
+    let mut batch = Batch::new(socket, cfg.payload + 64);
     while Instant::now() < deadline {
         if let Some(v) = rx.confirmed() {
             return Some(v);

@@ -77,7 +77,8 @@ impl Default for MulticastConfig {
 /// A step's multicast options (`deploy:…;cipher=rc4;min=3;wait=10`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepOptions {
-    pub cipher: Cipher,
+    /// `None` (`cipher=auto`, the default): [`Cipher::auto`].
+    pub cipher: Option<Cipher>,
     /// Start when this many receivers joined (default: the job's devices).
     pub min: Option<u32>,
     /// Start at the latest after this many seconds (default 30).
@@ -209,6 +210,8 @@ pub struct Join<'a> {
     pub device: i64,
     /// Devices in the job (the default `min`).
     pub devices: u32,
+    /// Whether every device in the job reported AES instructions.
+    pub devices_aes: bool,
     pub image_name: &'a str,
     pub path: PathBuf,
     pub image: Arc<Image>,
@@ -313,6 +316,19 @@ impl Multicast {
         let file = File::open(&join.path)
             .map_err(|e| format!("image file {}: {e}", join.path.display()))?;
         let o = join.options;
+        let (cipher, why) = match o.cipher {
+            Some(c) => (c, "the step's choice"),
+            None => {
+                let own = shoal_protocol::multicast::hardware_aes();
+                let c = Cipher::auto(own, join.devices_aes);
+                let why = match (own, join.devices_aes) {
+                    (true, true) => "auto: AES instructions here and on every device",
+                    (false, _) => "auto: no AES instructions on the Controller",
+                    (true, false) => "auto: not every device reported AES instructions",
+                };
+                (c, why)
+            }
+        };
         let max_rate = o.rate_mbps.map(|m| f64::from(m) * 1e6).or(cfg.max_rate);
         let min = o.min.unwrap_or(join.devices).max(1);
         let wait_secs = o.wait_secs.unwrap_or(DEFAULT_WAIT_SECS);
@@ -321,7 +337,7 @@ impl Multicast {
             SenderConfig {
                 session: id,
                 key,
-                cipher: o.cipher,
+                cipher,
                 payload,
                 max_rate,
                 digest: completion_digest(&join.image),
@@ -333,7 +349,7 @@ impl Multicast {
         let session = Arc::new(McSession {
             id,
             key,
-            cipher: o.cipher,
+            cipher,
             group,
             sender,
             payload,
@@ -348,7 +364,7 @@ impl Multicast {
                     image: join.image_name.to_owned(),
                     group: group.to_string(),
                     sender: sender.to_string(),
-                    cipher: o.cipher.as_str().into(),
+                    cipher: cipher.as_str().into(),
                     state: "waiting".into(),
                     created_unix: SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -363,11 +379,11 @@ impl Multicast {
             }),
         });
         info!(
-            "multicast session {id:016x}: job {} step {}, image {} to {group} from {sender}, {}, start at {min} receivers or after {wait_secs} s{}",
+            "multicast session {id:016x}: job {} step {}, image {} to {group} from {sender}, {} ({why}), start at {min} receivers or after {wait_secs} s{}",
             join.job,
             join.step,
             join.image_name,
-            o.cipher.as_str(),
+            cipher.as_str(),
             max_rate.map_or(String::new(), |r| format!(", at most {:.0} MB/s", r / 1e6))
         );
         let data_bytes = join

@@ -20,7 +20,7 @@ mod sim;
 
 pub use receiver::{Event, Receiver, ReceiverConfig};
 pub use sender::{ReceiverView, Sender, SenderConfig, SenderStats};
-pub use wire::{completion_digest, payload_for_mtu, Cipher, Drop, ReceiverStats};
+pub use wire::{completion_digest, hardware_aes, payload_for_mtu, Cipher, Drop, ReceiverStats};
 
 /// How an image's chunks split into blocks.
 #[derive(Debug, Clone)]

@@ -50,7 +50,16 @@ pub struct ReceiverView {
     pub bytes_per_sec: f64,
     rate_mark: (Instant, u64),
     loss_mark: (u64, u64, u64),
+    /// Its loss shares at the last few rate ticks: their minimum is loss
+    /// that does not go away when the rate falls (a bad link, not
+    /// congestion), and does not count against the rate.
+    recent_shares: VecDeque<f64>,
 }
+
+/// Rate ticks a receiver's loss floor is taken over (2 s), and how many
+/// it needs first.
+const FLOOR_TICKS: usize = 20;
+const FLOOR_WARMUP: usize = 5;
 
 /// The sender's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -293,6 +302,7 @@ impl Sender {
             bytes_per_sec: 0.0,
             rate_mark: (now, 0),
             loss_mark: (0, 0, 0),
+            recent_shares: VecDeque::new(),
         });
         view.last_heard = now;
         view.stats = report.stats;
@@ -392,7 +402,27 @@ impl Sender {
             if v.confirmed {
                 continue;
             }
-            shares.push((dl + ds) as f64 / (dr + dl + ds) as f64);
+            let seen = (dr + dl + ds) as f64;
+            let share = (dl + ds) as f64 / seen;
+            if v.recent_shares.len() == FLOOR_TICKS {
+                v.recent_shares.pop_front();
+            }
+            v.recent_shares.push_back(share);
+            // Loss a receiver sees whatever the rate (a bad link, not
+            // congestion) does not count against the rate: only what
+            // rises above its floor (the least share over the last ticks,
+            // once there are a few) by more than the noise of random loss
+            // at that floor (four standard deviations over `seen`).
+            let floor = if v.recent_shares.len() >= FLOOR_WARMUP {
+                v.recent_shares
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min)
+            } else {
+                0.0
+            };
+            let noise = 4.0 * (floor.max(1e-4) * (1.0 - floor) / seen).sqrt();
+            shares.push((share - floor - noise).max(0.0));
         }
         shares.sort_by(f64::total_cmp);
         // The worst share among receivers not far worse than the median:
@@ -419,21 +449,24 @@ impl Sender {
         if actual > 0.0 && busy {
             r.now = r.now.min(1.5 * actual);
         }
-        // Slow start (x1.25 a tick) until the first loss, then gentle
-        // growth (x1.04) and multiplicative decrease.
+        // Slow start (x1.5 a tick, and only on receivers' reports: no
+        // growth without evidence) until the first loss; it ends at what
+        // got through (what went out, less the loss, less a margin). Then
+        // gentle growth (x1.04) and multiplicative decrease.
         match worst {
-            Some(f) if f > 0.02 => {
-                r.now *= 0.75;
+            Some(f) if f > 0.005 && r.slow_start => {
+                let went = if actual > 0.0 {
+                    actual.min(r.now)
+                } else {
+                    r.now
+                };
+                r.now = went * (1.0 - f) * 0.85;
                 r.slow_start = false;
             }
-            Some(f) if f > 0.005 => {
-                r.now *= 0.93;
-                r.slow_start = false;
-            }
-            Some(f) if f < 0.002 => r.now *= if r.slow_start { 1.25 } else { 1.04 },
-            Some(_) => {}
-            None if busy && r.slow_start => r.now *= 1.1,
-            None => {}
+            Some(f) if f > 0.02 => r.now *= 0.75,
+            Some(f) if f > 0.005 => r.now *= 0.93,
+            Some(f) if f < 0.002 => r.now *= if r.slow_start { 1.5 } else { 1.04 },
+            Some(_) | None => {}
         }
         r.now = r.now.clamp(MIN_RATE.min(r.max), r.max);
     }
