@@ -383,7 +383,23 @@ mod tests {
         );
         let json = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<StepSpec>(&json).unwrap(), m);
+        // `cipher=auto` is the default: the session picks.
+        for (step, want) in [
+            ("deploy:a/b@auto;cipher=auto", None),
+            ("deploy:a/b@auto", None),
+            ("deploy:a/b@auto;cipher=aes256gcm", Some(Cipher::Aes256Gcm)),
+            (
+                "deploy:a/b@auto;cipher=chacha20poly1305",
+                Some(Cipher::ChaCha20Poly1305),
+            ),
+        ] {
+            let StepKind::Deploy { multicast, .. } = StepSpec::parse_cli(step).unwrap().work else {
+                panic!("{step}");
+            };
+            assert_eq!(multicast.cipher, want, "{step}");
+        }
         for bad in [
+            "deploy:a/b@auto;cipher=des",
             "deploy:a/b@auto;mode=x",
             "deploy:a/b@auto;min=x",
             "deploy:a/b@auto;foo=1",

@@ -50,16 +50,7 @@ pub struct ReceiverView {
     pub bytes_per_sec: f64,
     rate_mark: (Instant, u64),
     loss_mark: (u64, u64, u64),
-    /// Its loss shares at the last few rate ticks: their minimum is loss
-    /// that does not go away when the rate falls (a bad link, not
-    /// congestion), and does not count against the rate.
-    recent_shares: VecDeque<f64>,
 }
-
-/// Rate ticks a receiver's loss floor is taken over (2 s), and how many
-/// it needs first.
-const FLOOR_TICKS: usize = 20;
-const FLOOR_WARMUP: usize = 5;
 
 /// The sender's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -83,7 +74,22 @@ struct Rate {
     slow_start: bool,
     /// Bytes sent as of the last tick.
     sent_mark: Option<(Instant, u64)>,
+    /// What got through when loss last cut the rate (what went out, less
+    /// the loss): growth heads back there fast, then probes gently.
+    ceiling: Option<f64>,
+    /// What went out in each of the last few ticks.
+    recent_sent: VecDeque<f64>,
 }
+
+/// Ticks over which what went out caps the rate (a sender starved of
+/// CPU for one tick does not crash the rate).
+const SENT_TICKS: usize = 5;
+
+/// A receiver whose loss share is more than 3x the median and this much
+/// above it does not set the rate: its own link or disk is the limit (a
+/// bad cable, a slow port), not the session's rate, and it catches up by
+/// repairs or by unicast.
+pub const STRAGGLER_POINTS: f64 = 0.02;
 
 /// Bytes per second a session starts at.
 pub const START_RATE: f64 = 40e6;
@@ -134,6 +140,8 @@ impl Sender {
                 last_tick: None,
                 slow_start: true,
                 sent_mark: None,
+                ceiling: None,
+                recent_sent: VecDeque::new(),
             },
         }
     }
@@ -302,7 +310,6 @@ impl Sender {
             bytes_per_sec: 0.0,
             rate_mark: (now, 0),
             loss_mark: (0, 0, 0),
-            recent_shares: VecDeque::new(),
         });
         view.last_heard = now;
         view.stats = report.stats;
@@ -373,7 +380,7 @@ impl Sender {
     /// Adapts the rate to what receivers reported since the last tick: the
     /// share of datagrams each lost on the network or had to skip (no
     /// buffer: its disk is behind). The worst share decides, leaving out
-    /// receivers far worse than the median (more than 3x and 5 points):
+    /// receivers far worse than the median (more than 3x and 2 points):
     /// a minority of stragglers does not slow the session down, while a
     /// majority that cannot keep up does.
     /// Receivers that are done do not count.
@@ -402,27 +409,7 @@ impl Sender {
             if v.confirmed {
                 continue;
             }
-            let seen = (dr + dl + ds) as f64;
-            let share = (dl + ds) as f64 / seen;
-            if v.recent_shares.len() == FLOOR_TICKS {
-                v.recent_shares.pop_front();
-            }
-            v.recent_shares.push_back(share);
-            // Loss a receiver sees whatever the rate (a bad link, not
-            // congestion) does not count against the rate: only what
-            // rises above its floor (the least share over the last ticks,
-            // once there are a few) by more than the noise of random loss
-            // at that floor (four standard deviations over `seen`).
-            let floor = if v.recent_shares.len() >= FLOOR_WARMUP {
-                v.recent_shares
-                    .iter()
-                    .copied()
-                    .fold(f64::INFINITY, f64::min)
-            } else {
-                0.0
-            };
-            let noise = 4.0 * (floor.max(1e-4) * (1.0 - floor) / seen).sqrt();
-            shares.push((share - floor - noise).max(0.0));
+            shares.push((dl + ds) as f64 / (dr + dl + ds) as f64);
         }
         shares.sort_by(f64::total_cmp);
         // The worst share among receivers not far worse than the median:
@@ -432,7 +419,7 @@ impl Sender {
             shares
                 .iter()
                 .copied()
-                .filter(|&f| f <= (3.0 * m).max(m + 0.05))
+                .filter(|&f| f <= (3.0 * m).max(m + STRAGGLER_POINTS))
                 .fold(m, f64::max)
         });
         let busy = self.has_work();
@@ -447,26 +434,44 @@ impl Sender {
         self.rate.sent_mark = Some((now, sent));
         let r = &mut self.rate;
         if actual > 0.0 && busy {
-            r.now = r.now.min(1.5 * actual);
+            if r.recent_sent.len() == SENT_TICKS {
+                r.recent_sent.pop_front();
+            }
+            r.recent_sent.push_back(actual);
+        }
+        // The most that went out in a recent tick.
+        let most = r.recent_sent.iter().copied().fold(0.0, f64::max);
+        if most > 0.0 && busy {
+            r.now = r.now.min(1.5 * most);
         }
         // Slow start (x1.5 a tick, and only on receivers' reports: no
-        // growth without evidence) until the first loss; it ends at what
-        // got through (what went out, less the loss, less a margin). Then
-        // gentle growth (x1.04) and multiplicative decrease.
+        // growth without evidence) until the first loss; it ends a margin
+        // below what got through. Then multiplicative decrease on loss
+        // above 0.5 %, and below that growth that heads back fast to 95 %
+        // of what got through when loss last struck (half the way a tick),
+        // then probes at x1.04.
+        let went = if most > 0.0 { most.min(r.now) } else { r.now };
         match worst {
+            // (A share above a half says more about receivers short of
+            // CPU and reporting late than about the path: what got through
+            // is taken as at least half of what went out.)
             Some(f) if f > 0.005 && r.slow_start => {
-                let went = if actual > 0.0 {
-                    actual.min(r.now)
-                } else {
-                    r.now
-                };
-                r.now = went * (1.0 - f) * 0.85;
+                let through = went * (1.0 - f.min(0.5));
+                r.ceiling = Some(through);
+                r.now = through * 0.85;
                 r.slow_start = false;
             }
-            Some(f) if f > 0.02 => r.now *= 0.75,
-            Some(f) if f > 0.005 => r.now *= 0.93,
-            Some(f) if f < 0.002 => r.now *= if r.slow_start { 1.5 } else { 1.04 },
-            Some(_) | None => {}
+            Some(f) if f > 0.005 => {
+                r.ceiling = Some(went * (1.0 - f.min(0.5)));
+                r.now *= if f > 0.02 { 0.75 } else { 0.93 };
+            }
+            Some(f) if r.slow_start && f < 0.002 => r.now *= 1.5,
+            Some(_) if r.slow_start => {}
+            Some(_) => match r.ceiling {
+                Some(c) if r.now < 0.95 * c => r.now += 0.5 * (0.95 * c - r.now),
+                _ => r.now *= 1.04,
+            },
+            None => {}
         }
         r.now = r.now.clamp(MIN_RATE.min(r.max), r.max);
     }
@@ -482,5 +487,101 @@ impl Sender {
 
     pub fn stats(&self) -> SenderStats {
         self.stats
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    /// Runs `ticks` rate ticks of 100 ms against receivers that each take
+    /// in what the rate sends, less their `loss` share, and send nothing
+    /// else; returns the rate after each tick.
+    fn drive(loss: &[f64], capacity: f64, ticks: usize) -> Vec<f64> {
+        let geo = Geometry::new(1424, (0..1000).map(|_| (4 << 20, 4 << 20)));
+        let mut s = Sender::new(
+            SenderConfig {
+                session: 1,
+                key: [7; 32],
+                cipher: Cipher::ChaCha20Poly1305,
+                payload: 1424,
+                max_rate: None,
+                digest: [0; 32],
+            },
+            geo,
+        );
+        s.start();
+        let t0 = Instant::now();
+        for (i, _) in loss.iter().enumerate() {
+            s.receivers.insert(
+                FIRST_RECEIVER + i as u32,
+                ReceiverView {
+                    stats: ReceiverStats::default(),
+                    first_heard: t0,
+                    last_heard: t0,
+                    confirmed: false,
+                    wrong_digest: false,
+                    blocks_requested: 0,
+                    bytes_per_sec: 0.0,
+                    rate_mark: (t0, 0),
+                    loss_mark: (0, 0, 0),
+                },
+            );
+        }
+        let datagram = (1424 + HEADER_LEN + super::super::wire::TAG_LEN) as f64;
+        let mut rates = Vec::new();
+        let mut carry = vec![0.0f64; loss.len()];
+        for k in 1..=ticks {
+            // What went out in this tick, and what each receiver saw of it:
+            // beyond `capacity` everything is lost (congestion), and each
+            // loses its own share of the rest at random (deterministic
+            // here: the share exactly).
+            let sent = s.rate() * 0.1;
+            s.stats.bytes += sent as u64;
+            let n = sent / datagram;
+            let fits = (capacity * 0.1 / datagram).min(n);
+            for (i, (&l, c)) in loss.iter().zip(carry.iter_mut()).enumerate() {
+                let v = s.receivers.get_mut(&(FIRST_RECEIVER + i as u32)).unwrap();
+                let got = fits * (1.0 - l) + *c;
+                let whole = got.floor();
+                *c = got - whole;
+                v.stats.received += whole as u64;
+                v.stats.lost += (n - whole).max(0.0) as u64;
+            }
+            s.tick(t0 + RATE_TICK * k as u32);
+            rates.push(s.rate());
+        }
+        rates
+    }
+
+    #[test]
+    fn two_of_four_receivers_on_bad_links_do_not_set_the_pace() {
+        // 5 % random loss on two links, 600 MB/s of room: the rate finds
+        // the room instead of sinking to its minimum.
+        let rates = drive(&[0.05, 0.05, 0.0, 0.0], 600e6, 60);
+        let last = rates[rates.len() - 10..]
+            .iter()
+            .copied()
+            .fold(f64::MAX, f64::min);
+        assert!(last > 300e6, "{rates:?}");
+    }
+
+    #[test]
+    fn congestion_cuts_the_rate_and_it_comes_back_near_the_room() {
+        let rates = drive(&[0.0, 0.0, 0.0, 0.0], 300e6, 80);
+        // Slow start overshoots the room, loss cuts it; the rate then
+        // stays near the room rather than far under it.
+        assert!(rates.iter().any(|&r| r > 300e6), "{rates:?}");
+        let tail = &rates[40..];
+        let mean = tail.iter().sum::<f64>() / tail.len() as f64;
+        assert!((200e6..400e6).contains(&mean), "mean {mean:.0}: {rates:?}");
+    }
+
+    #[test]
+    fn everyone_losing_a_lot_slows_the_session() {
+        // Every receiver loses 10 % whatever the rate: a majority that
+        // cannot keep up does set the pace.
+        let rates = drive(&[0.1, 0.1, 0.1, 0.1], 1e9, 40);
+        assert!(rates[39] < START_RATE, "{rates:?}");
     }
 }

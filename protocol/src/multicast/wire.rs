@@ -418,3 +418,24 @@ pub fn open_message<T: for<'de> Deserialize<'de>>(
     keys.open(header, prefix, head, payload, tag)?;
     postcard::from_bytes(payload).map_err(|_| Drop::Malformed)
 }
+
+#[cfg(test)]
+mod auto_tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_aes_only_where_every_end_has_it() {
+        assert_eq!(Cipher::auto(true, true), Cipher::Aes256Gcm);
+        assert_eq!(Cipher::auto(true, false), Cipher::ChaCha20Poly1305);
+        assert_eq!(Cipher::auto(false, true), Cipher::ChaCha20Poly1305);
+        assert_eq!(Cipher::auto(false, false), Cipher::ChaCha20Poly1305);
+        // What CPUID says, where /proc/cpuinfo can be read to compare.
+        if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+            let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+            let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+            if cfg!(target_arch = "x86_64") && !flags.is_empty() {
+                assert_eq!(hardware_aes(), has("aes") && has("pclmulqdq"), "{flags}");
+            }
+        }
+    }
+}
