@@ -213,9 +213,14 @@ pub fn summary(inv: &Inventory) -> String {
     );
     let _ = writeln!(
         out,
-        "  cpus    {} x {}",
+        "  cpus    {} x {}{}",
         inv.cpus.count,
-        or(&inv.cpus.model)
+        or(&inv.cpus.model),
+        if inv.cpus.aes {
+            ", AES instructions"
+        } else {
+            ""
+        }
     );
     let mem = inv
         .memory_bytes
@@ -408,7 +413,10 @@ mod tests {
     fn an_empty_tree_is_an_empty_inventory_not_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let inv = collect(dir.path());
-        assert_eq!(inv, Inventory::default());
+        // Only what the CPU itself says is there.
+        let mut empty = Inventory::default();
+        empty.cpus.aes = shoal_protocol::multicast::hardware_aes();
+        assert_eq!(inv, empty);
         assert!(summary(&inv).contains("disk    none found"));
     }
 
