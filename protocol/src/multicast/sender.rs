@@ -449,7 +449,7 @@ impl Sender {
         // below what got through. Then multiplicative decrease on loss
         // above 0.5 %, and below that growth that heads back fast to 95 %
         // of what got through when loss last struck (half the way a tick),
-        // then probes at x1.04.
+        // then, below 0.2 %, probes at x1.04.
         let went = if most > 0.0 { most.min(r.now) } else { r.now };
         match worst {
             // (A share above a half says more about receivers short of
@@ -467,9 +467,10 @@ impl Sender {
             }
             Some(f) if r.slow_start && f < 0.002 => r.now *= 1.5,
             Some(_) if r.slow_start => {}
-            Some(_) => match r.ceiling {
+            Some(f) => match r.ceiling {
                 Some(c) if r.now < 0.95 * c => r.now += 0.5 * (0.95 * c - r.now),
-                _ => r.now *= 1.04,
+                _ if f < 0.002 => r.now *= 1.04,
+                _ => {}
             },
             None => {}
         }
