@@ -20,7 +20,7 @@ use super::wire::{
 use super::Geometry;
 
 /// A report at least this often (it is also the join and the heartbeat).
-pub const REPORT_EVERY: Duration = Duration::from_millis(100);
+pub const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// A partial chunk with no new block for this long has its gaps asked for.
 pub const REPAIR_AFTER: Duration = Duration::from_millis(40);
 /// The same blocks are not asked for again sooner than this.

@@ -98,7 +98,7 @@ pub const MIN_RATE: f64 = 1e6;
 /// Without a configured maximum.
 pub const UNCAPPED_RATE: f64 = 20e9;
 /// How often the rate adapts.
-pub const RATE_TICK: Duration = Duration::from_millis(100);
+pub const RATE_TICK: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub struct Sender {
@@ -495,7 +495,7 @@ impl Sender {
 mod rate_tests {
     use super::*;
 
-    /// Runs `ticks` rate ticks of 100 ms against receivers that each take
+    /// Runs `ticks` rate ticks against receivers that each take
     /// in what the rate sends, less their `loss` share, and send nothing
     /// else; returns the rate after each tick.
     fn drive(loss: &[f64], capacity: f64, ticks: usize) -> Vec<f64> {
@@ -537,10 +537,11 @@ mod rate_tests {
             // beyond `capacity` everything is lost (congestion), and each
             // loses its own share of the rest at random (deterministic
             // here: the share exactly).
-            let sent = s.rate() * 0.1;
+            let tick = RATE_TICK.as_secs_f64();
+            let sent = s.rate() * tick;
             s.stats.bytes += sent as u64;
             let n = sent / datagram;
-            let fits = (capacity * 0.1 / datagram).min(n);
+            let fits = (capacity * tick / datagram).min(n);
             for (i, (&l, c)) in loss.iter().zip(carry.iter_mut()).enumerate() {
                 let v = s.receivers.get_mut(&(FIRST_RECEIVER + i as u32)).unwrap();
                 let got = fits * (1.0 - l) + *c;
