@@ -443,6 +443,7 @@ fn rc4_session_with_a_late_joiner() {
     f.start_agent(3);
     let shown = f.wait(&job, Duration::from_secs(180));
     println!("{shown}");
+    println!("{}", f.logs());
     f.check_targets();
     let s = f.session(&job);
     println!("{}", serde_json::to_string_pretty(&s).unwrap());

@@ -419,6 +419,8 @@ const GRO_READ: usize = 65_536;
 /// Buffers for one `recvmmsg`, and where in them each datagram lies.
 struct Batch {
     headers: sock::MultiHeaders<SockaddrIn>,
+    /// Whether reads carry GRO's segment size (a control message).
+    gro: bool,
     bufs: Vec<Vec<u8>>,
     /// Per buffer filled: bytes read and the size of each datagram in them
     /// (the GRO segment size; the last may be shorter).
@@ -436,6 +438,7 @@ impl Batch {
         };
         Batch {
             headers: sock::MultiHeaders::preallocate(count, cmsg),
+            gro,
             bufs: vec![vec![0u8; size]; count],
             reads: Vec::with_capacity(count),
         }
@@ -444,6 +447,13 @@ impl Batch {
     /// Up to a batch of reads in one system call (waiting, up to the
     /// socket's timeout, for the first).
     fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        if self.gro {
+            // The kernel writes back each header's control length (0 for a
+            // read that was one datagram) and `nix` does not restore it:
+            // fresh headers, or the next reads lose their segment size.
+            self.headers =
+                sock::MultiHeaders::preallocate(self.bufs.len(), Some(nix::cmsg_space!(i32)));
+        }
         let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
             .bufs
             .iter_mut()
@@ -516,4 +526,75 @@ pub fn receiver(cfg: &McastConfig, image: &Image, written: &Written) -> Receiver
         Geometry::of_image(image, cfg.payload),
         |i| written.contains(i),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::IoSlice;
+
+    /// Sends `count` datagrams of `size` bytes (byte `tag` + index) in one
+    /// UDP GSO `sendmsg` (one plain datagram when `count` is 1).
+    fn send_run(tx: &UdpSocket, to: SocketAddrV4, size: usize, count: usize, tag: u8) {
+        let mut buf = Vec::new();
+        for i in 0..count {
+            buf.extend(std::iter::repeat_n(tag.wrapping_add(i as u8), size));
+        }
+        let seg = size as u16;
+        let cmsg = [sock::ControlMessage::UdpGsoSegments(&seg)];
+        let cmsgs: &[sock::ControlMessage<'_>] = if count > 1 { &cmsg } else { &[] };
+        sock::sendmsg(
+            tx.as_raw_fd(),
+            &[IoSlice::new(&buf)],
+            cmsgs,
+            MsgFlags::empty(),
+            Some(&SockaddrIn::from(to)),
+        )
+        .expect("sendmsg on loopback");
+    }
+
+    #[test]
+    fn gro_reads_are_cut_into_datagrams_read_after_read() {
+        // Loopback passes a GSO run up whole, as a veth does and as a
+        // NIC's GRO builds one. A read that is one datagram comes without
+        // the segment-size message; the reads after it must still get
+        // theirs (the kernel shrinks each header's control length).
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock::setsockopt(&rx, sockopt::UdpGroSegment, &true).expect("UDP GRO (Linux 5.0+)");
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let SocketAddr::V4(to) = rx.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = Batch::new(&rx, 1500);
+        assert!(batch.gro, "GRO on the socket");
+        let mut seen: Vec<(usize, u8)> = Vec::new();
+        let mut take = |batch: &mut Batch, n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut got = 0;
+            while got < n && Instant::now() < deadline {
+                if batch.receive(&rx).is_ok() {
+                    for d in batch.datagrams() {
+                        seen.push((d.len(), d[0]));
+                        got += 1;
+                    }
+                }
+            }
+        };
+        for round in 0..3u8 {
+            // Each in a read of its own: the single datagram lands in the
+            // first slot, then the run in the same slot.
+            send_run(&tx, to, 1000, 1, 100 + round);
+            take(&mut batch, 1);
+            send_run(&tx, to, 1200, 10, 10 * round);
+            take(&mut batch, 10);
+        }
+        let want: Vec<(usize, u8)> = (0..3u8)
+            .flat_map(|r| {
+                std::iter::once((1000, 100 + r)).chain((0..10).map(move |i| (1200, 10 * r + i)))
+            })
+            .collect();
+        assert_eq!(seen, want);
+    }
 }
