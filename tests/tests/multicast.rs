@@ -160,6 +160,22 @@ impl Fleet {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     }
 
+    /// Waits for `job`, checks every disk, and returns its session after
+    /// checking that all receivers are in it, with completion confirmed,
+    /// under `cipher`.
+    fn finished(&self, job: &str, limit: Duration, cipher: &str) -> serde_json::Value {
+        let shown = self.wait(job, limit);
+        println!("{shown}\n{}", self.logs());
+        self.check_targets();
+        let s = self.session(job);
+        println!("{}", serde_json::to_string_pretty(&s).unwrap());
+        assert_eq!(s["cipher"], cipher, "{s}");
+        let rs = s["receivers"].as_array().unwrap();
+        assert_eq!(rs.len(), self.machines.len(), "all in one session: {s}");
+        assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
+        s
+    }
+
     fn check_targets(&self) {
         for t in &self.targets {
             let got = std::fs::read(t).unwrap();
@@ -205,27 +221,19 @@ fn four_agents_one_session_and_a_rogue_sender_changes_nothing() {
         let src = f.lan.gateway();
         std::thread::spawn(move || rogue(&ns, &src, &group, id, &stop))
     };
-    let shown = f.wait(&job, Duration::from_secs(120));
+    // No `cipher=`: auto, AES-256-GCM where the Controller and every
+    // agent (all on this CPU) have AES instructions.
+    let aes = shoal_protocol::multicast::hardware_aes();
+    let auto = shoal_protocol::multicast::Cipher::auto(aes, aes);
+    let s = f.finished(&job, Duration::from_secs(120), auto.as_str());
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let sent = rogue.join().unwrap();
-    println!("{shown}");
-    f.check_targets();
-    let s = f.session(&job);
-    println!("{}", serde_json::to_string_pretty(&s).unwrap());
     let rs = s["receivers"].as_array().unwrap();
-    assert_eq!(rs.len(), 4, "{s}");
-    assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
     let forged: u64 = rs.iter().map(|r| r["forged"].as_u64().unwrap()).sum();
     assert!(
         sent > 0 && forged > 0,
         "rogue sent {sent}, receivers counted {forged}: {s}"
     );
-    println!("{}", f.logs());
-    // No `cipher=`: auto, AES-256-GCM where the Controller and every
-    // agent (all on this CPU) have AES instructions.
-    let aes = shoal_protocol::multicast::hardware_aes();
-    let auto = shoal_protocol::multicast::Cipher::auto(aes, aes);
-    assert_eq!(s["cipher"], auto.as_str(), "{s}");
 }
 
 /// Sends forged data datagrams from namespace `ns` until `stop`; returns
@@ -297,15 +305,8 @@ fn aes_session_with_lossy_links_to_two_receivers_is_repaired() {
         );
     }
     let job = f.deploy(";min=4;wait=20;rate=20;cipher=aes256gcm");
-    let shown = f.wait(&job, Duration::from_secs(180));
-    println!("{shown}");
-    f.check_targets();
-    let s = f.session(&job);
-    println!("{}", serde_json::to_string_pretty(&s).unwrap());
-    assert_eq!(s["cipher"], "aes256gcm", "{s}");
+    let s = f.finished(&job, Duration::from_secs(180), "aes256gcm");
     let rs = s["receivers"].as_array().unwrap();
-    assert_eq!(rs.len(), 4, "{s}");
-    assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
     let by_device = |d: u64| rs.iter().find(|r| r["device"] == d).unwrap();
     for d in [1, 2] {
         let r = by_device(d);
@@ -373,16 +374,8 @@ fn chacha_session_with_5_percent_loss_on_two_receivers() {
         in_ns(ns, "nft", &["-f", "-"], rules);
     }
     let job = f.deploy(";min=4;wait=20;cipher=chacha20poly1305");
-    let shown = f.wait(&job, Duration::from_secs(180));
-    println!("{shown}");
-    println!("{}", f.logs());
-    f.check_targets();
-    let s = f.session(&job);
-    println!("{}", serde_json::to_string_pretty(&s).unwrap());
-    assert_eq!(s["cipher"], "chacha20poly1305", "{s}");
+    let s = f.finished(&job, Duration::from_secs(180), "chacha20poly1305");
     let rs = s["receivers"].as_array().unwrap();
-    assert_eq!(rs.len(), 4, "{s}");
-    assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
     // The filters did drop about 5 % of the packets, one datagram each.
     for ns in &lossy {
         let listed = in_ns(ns, "nft", &["list", "table", "netdev", "loss"], "");
@@ -441,16 +434,8 @@ fn rc4_session_with_a_late_joiner() {
     wait_started(&f, &job);
     std::thread::sleep(Duration::from_secs(3));
     f.start_agent(3);
-    let shown = f.wait(&job, Duration::from_secs(180));
-    println!("{shown}");
-    println!("{}", f.logs());
-    f.check_targets();
-    let s = f.session(&job);
-    println!("{}", serde_json::to_string_pretty(&s).unwrap());
-    assert_eq!(s["cipher"], "rc4", "{s}");
+    let s = f.finished(&job, Duration::from_secs(180), "rc4");
     let rs = s["receivers"].as_array().unwrap();
-    assert_eq!(rs.len(), 4, "all four in one session: {s}");
-    assert!(rs.iter().all(|r| r["confirmed"] == true), "{s}");
     let by_device = |d: u64| rs.iter().find(|r| r["device"] == d).unwrap();
     let late = by_device(4);
     assert!(
