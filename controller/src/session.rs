@@ -766,23 +766,33 @@ impl Session {
         );
         let expires = std::time::Instant::now() + timeout;
         let (job, step) = (next.job as u64, next.step);
-        let (devices, devices_aes) = self
-            .db(move |db| {
-                let ids = db.job_devices(job as i64)?;
-                let mut aes = true;
-                for &id in &ids {
-                    aes &= db
-                        .device(id)?
-                        .and_then(|d| d.inventory)
-                        .and_then(|i| {
-                            serde_json::from_value::<shoal_protocol::inventory::Inventory>(i).ok()
-                        })
-                        .is_some_and(|i| i.cpus.aes);
-                }
-                Ok((ids.len(), aes))
-            })
+        let ids = self
+            .db(move |db| db.job_devices(job as i64))
             .await
             .map_err(|e| format!("reading job {job}'s devices: {e}"))?;
+        let devices = ids.len();
+        // Only the device that sets the session up needs the others' CPUs
+        // (for `cipher=auto`).
+        let devices_aes = mode.multicast(devices)
+            && multicast.cipher.is_none()
+            && !self.shared.multicast.has_session(job, step)
+            && self
+                .db(move |db| {
+                    let mut aes = true;
+                    for &id in &ids {
+                        aes &= db
+                            .device(id)?
+                            .and_then(|d| d.inventory)
+                            .and_then(|i| {
+                                serde_json::from_value::<shoal_protocol::inventory::Inventory>(i)
+                                    .ok()
+                            })
+                            .is_some_and(|i| i.cpus.aes);
+                    }
+                    Ok(aes)
+                })
+                .await
+                .map_err(|e| format!("reading job {job}'s device inventories: {e}"))?;
         let (member, offer) = if mode.multicast(devices) {
             let image_arc = std::sync::Arc::new(resolved.image.clone());
             let (m, o) = self.shared.multicast.join(Join {

@@ -19,31 +19,7 @@ pub const FILES: &[(&str, &str)] = &[
 ];
 
 fn run(cmd: &mut Command, stdin: Option<&str>) {
-    use std::io::Write;
-    cmd.stdin(if stdin.is_some() {
-        std::process::Stdio::piped()
-    } else {
-        std::process::Stdio::null()
-    });
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::netns::run_with_input(cmd, stdin);
 }
 
 /// Builds `dir/lab.img`: `size_mib` MiB, GPT, one Linux partition from

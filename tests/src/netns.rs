@@ -23,9 +23,31 @@ pub const CLIENT_IF: &str = "vethB";
 
 /// Runs `cmd` to completion and returns its stdout; panics with its stderr.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
+    run_with_input(cmd, None)
+}
+
+/// [`run`], with `stdin` written to the command's standard input.
+pub fn run_with_input(cmd: &mut Command, stdin: Option<&str>) -> String {
+    use std::io::Write;
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",

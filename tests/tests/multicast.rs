@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use shoal_tests::netns::{run_with_input, Netns};
 use shoal_tests::proc::{tail, Proc};
+use shoal_tests::require_program;
 use shoal_tests::site::{job_id, Controller, FakeMachine, Lan};
 
 const T: Duration = Duration::from_secs(30);
@@ -274,20 +276,6 @@ fn rogue(
     n
 }
 
-/// Runs `tc` in the bridge's namespace.
-fn tc(f: &Fleet, args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", f.lan.ns.name(), "tc"])
-        .args(args)
-        .output()
-        .expect("tc (package iproute2) is needed");
-    assert!(
-        out.status.success(),
-        "tc {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn aes_session_with_lossy_links_to_two_receivers_is_repaired() {
     // This kernel has no sch_netem (and no tc classifiers), so the loss
@@ -296,12 +284,12 @@ fn aes_session_with_lossy_links_to_two_receivers_is_repaired() {
     // and what does not fit is dropped (about 5 %).
     let f = Fleet::new(4, 40, &[]);
     for port in ["v10", "v11"] {
-        tc(
-            &f,
-            &[
+        run_with_input(
+            f.lan.ns.command("tc").args([
                 "qdisc", "add", "dev", port, "root", "tbf", "rate", "152mbit", "burst", "16k",
                 "latency", "5ms",
-            ],
+            ]),
+            None,
         );
     }
     let job = f.deploy(";min=4;wait=20;rate=20;cipher=aes256gcm");
@@ -316,37 +304,6 @@ fn aes_session_with_lossy_links_to_two_receivers_is_repaired() {
     assert!(s["repair_blocks"].as_u64().unwrap() > 0, "{s}");
 }
 
-/// Runs `program` in namespace `ns`, with `stdin`.
-fn in_ns(ns: &str, program: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} is needed (packages nftables, ethtool): {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        if program == "nft" {
-            " (this test needs nf_tables with the netdev family and numgen)"
-        } else {
-            ""
-        }
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn chacha_session_with_5_percent_loss_on_two_receivers() {
     // What `tc qdisc add dev vN root netem loss 5%` would do, on a kernel
@@ -354,32 +311,37 @@ fn chacha_session_with_5_percent_loss_on_two_receivers() {
     // dropped with probability 5 % (nftables, the netdev ingress hook of
     // their interfaces). The bridge ports segment UDP, so a packet is one
     // datagram, as on a wire.
+    require_program("nft", "nftables");
+    require_program("ethtool", "ethtool");
     let f = Fleet::new(4, 40, &[]);
-    let lossy: Vec<String> = (0..2)
-        .map(|i| f.lan.hosts[f.hosts[i]].name().to_owned())
-        .collect();
+    let lossy: Vec<&Netns> = (0..2).map(|i| &f.lan.hosts[f.hosts[i]]).collect();
     // All four ports: a GSO packet flooded to ports that differ in this
     // reaches the others mangled (this kernel's bridge).
     for i in 0..4 {
         let port = format!("v{}", 10 + i);
-        in_ns(
-            f.lan.ns.name(),
-            "ethtool",
-            &["-K", &port, "tx-udp-segmentation", "off"],
-            "",
+        run_with_input(
+            f.lan
+                .ns
+                .command("ethtool")
+                .args(["-K", &port, "tx-udp-segmentation", "off"]),
+            None,
         );
     }
     for ns in &lossy {
         let rules = "table netdev loss {\n  chain eth0 {\n    type filter hook ingress device \"eth0\" priority 0;\n    counter\n    numgen random mod 100 < 5 counter drop\n  }\n}\n";
-        in_ns(ns, "nft", &["-f", "-"], rules);
+        // (Needs nf_tables with the netdev family and numgen.)
+        run_with_input(ns.command("nft").args(["-f", "-"]), Some(rules));
     }
     let job = f.deploy(";min=4;wait=20;cipher=chacha20poly1305");
     let s = f.finished(&job, Duration::from_secs(180), "chacha20poly1305");
     let rs = s["receivers"].as_array().unwrap();
     // The filters did drop about 5 % of the packets, one datagram each.
     for ns in &lossy {
-        let listed = in_ns(ns, "nft", &["list", "table", "netdev", "loss"], "");
-        println!("{ns}: {listed}");
+        let listed = run_with_input(
+            ns.command("nft").args(["list", "table", "netdev", "loss"]),
+            None,
+        );
+        println!("{}: {listed}", ns.name());
         let counts: Vec<u64> = listed
             .lines()
             .filter_map(|l| l.split("counter packets ").nth(1))

@@ -210,7 +210,8 @@ pub struct Join<'a> {
     pub device: i64,
     /// Devices in the job (the default `min`).
     pub devices: u32,
-    /// Whether every device in the job reported AES instructions.
+    /// Whether every device in the job reported AES instructions (worked
+    /// out only for the join that sets the session up; `false` otherwise).
     pub devices_aes: bool,
     pub image_name: &'a str,
     pub path: PathBuf,
@@ -231,6 +232,11 @@ impl Multicast {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the step's session is set up (and not yet ended).
+    pub fn has_session(&self, job: u64, step: u32) -> bool {
+        self.lock().live.contains_key(&(job, step))
     }
 
     /// Joins `join.device` to the step's session, setting the session up

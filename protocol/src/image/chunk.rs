@@ -95,7 +95,7 @@ enum Check {
 }
 
 /// [`decode_chunk_into`] for stored bytes that came authenticated by the
-/// Controller (a ChaCha20-Poly1305 multicast session): checks the SHA-1 of
+/// Controller (an AEAD multicast session): checks the SHA-1 of
 /// the seed's chunk table but skips the SHA-256, the most expensive hash.
 pub fn decode_chunk_into_authenticated(
     header: &Header,

@@ -52,6 +52,23 @@ pub struct ReceiverView {
     loss_mark: (u64, u64, u64),
 }
 
+impl ReceiverView {
+    /// First heard from at `now`.
+    fn new(now: Instant) -> ReceiverView {
+        ReceiverView {
+            stats: ReceiverStats::default(),
+            first_heard: now,
+            last_heard: now,
+            confirmed: false,
+            wrong_digest: false,
+            blocks_requested: 0,
+            bytes_per_sec: 0.0,
+            rate_mark: (now, 0),
+            loss_mark: (0, 0, 0),
+        }
+    }
+}
+
 /// The sender's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SenderStats {
@@ -300,17 +317,10 @@ impl Sender {
         }
         let (receiver, report) = r?;
         self.stats.reports += 1;
-        let view = self.receivers.entry(receiver).or_insert(ReceiverView {
-            stats: ReceiverStats::default(),
-            first_heard: now,
-            last_heard: now,
-            confirmed: false,
-            wrong_digest: false,
-            blocks_requested: 0,
-            bytes_per_sec: 0.0,
-            rate_mark: (now, 0),
-            loss_mark: (0, 0, 0),
-        });
+        let view = self
+            .receivers
+            .entry(receiver)
+            .or_insert_with(|| ReceiverView::new(now));
         view.last_heard = now;
         view.stats = report.stats;
         let (t0, b0) = view.rate_mark;
@@ -514,20 +524,8 @@ mod rate_tests {
         s.start();
         let t0 = Instant::now();
         for (i, _) in loss.iter().enumerate() {
-            s.receivers.insert(
-                FIRST_RECEIVER + i as u32,
-                ReceiverView {
-                    stats: ReceiverStats::default(),
-                    first_heard: t0,
-                    last_heard: t0,
-                    confirmed: false,
-                    wrong_digest: false,
-                    blocks_requested: 0,
-                    bytes_per_sec: 0.0,
-                    rate_mark: (t0, 0),
-                    loss_mark: (0, 0, 0),
-                },
-            );
+            s.receivers
+                .insert(FIRST_RECEIVER + i as u32, ReceiverView::new(t0));
         }
         let datagram = (1424 + HEADER_LEN + super::super::wire::TAG_LEN) as f64;
         let mut rates = Vec::new();
